@@ -1,0 +1,1 @@
+"""frugalserve.cascade"""

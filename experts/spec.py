@@ -1,0 +1,102 @@
+"""`ExpertSpec`: everything the application needs to know to run one expert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+BUILTIN_PREFIX = "builtin:"
+
+
+def resolve_model_path(path: str) -> Path:
+    """`builtin:NAME` is a model shipped in the package; anything else is a filesystem path."""
+    if path.startswith(BUILTIN_PREFIX):
+        name = path[len(BUILTIN_PREFIX) :]
+        resolved = MODELS_DIR / name
+        if not resolved.is_dir():
+            shipped = sorted(p.name for p in MODELS_DIR.iterdir() if p.is_dir()) if MODELS_DIR.is_dir() else []
+            raise ValueError(f"unknown builtin model {name!r}; shipped models: {shipped}")
+        return resolved
+    return Path(path).expanduser()
+
+
+def default_cost_per_1k(num_params: int) -> float:
+    """Cost units per 1k tokens when no price is configured: one unit per million active
+    parameters, the FLOPs a token costs up to a constant (2 · params)."""
+    return num_params / 1e6
+
+
+class BatchingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(16, ge=1, le=1024, description="requests per engine call")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="how long the first request of a batch waits for company"
+    )
+
+
+class ReplicaResources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(1.0, ge=0, description="logical CPUs per replica")
+    num_gpus: float = Field(
+        1.0, ge=0, description="GPUs per replica; used only where the cluster has GPUs"
+    )
+    memory_bytes: int | None = Field(None, ge=0, description="Ray memory reservation per replica")
+
+
+class ExpertSpec(BaseModel):
+    """One expert (or cascade tier): a model, the engine that runs it, and what it costs."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="id clients use as `model`")
+    model: str = Field(..., description="local Hugging Face model folder, or builtin:NAME")
+    engine: Literal["transformers", "vllm"] = "transformers"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on GPUs that support it, float32 on CPU"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_context: int | None = Field(
+        None, ge=8, description="prompt + completion tokens; default: the model's own limit"
+    )
+    max_tokens_default: int = Field(64, ge=1, description="max_tokens when a request omits it")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    resources: ReplicaResources = Field(default_factory=ReplicaResources)
+    num_replicas: int = Field(1, ge=1, description="replicas when autoscaling is off")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="requests a replica holds at once (Serve's backpressure)"
+    )
+    cost_per_1k_prompt: float | None = Field(
+        None, ge=0, description="cost units per 1k prompt tokens; default: from parameter count"
+    )
+    cost_per_1k_completion: float | None = Field(
+        None, ge=0, description="cost units per 1k completion tokens; default: from parameter count"
+    )
+    description: str = ""
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: str) -> str:
+        if value.startswith(BUILTIN_PREFIX):
+            resolve_model_path(value)
+        return value
+
+    @model_validator(mode="after")
+    def _engine_available(self) -> ExpertSpec:
+        if self.engine == "vllm":
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise ValueError(
+                    f"expert {self.name!r} asks for engine 'vllm', which is not installed: "
+                    "install the extra with `pip install 'frugalserve[vllm]'` (needs a CUDA GPU)"
+                )
+        return self
+
+    @property
+    def model_path(self) -> Path:
+        return resolve_model_path(self.model)

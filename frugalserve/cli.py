@@ -1,0 +1,58 @@
+"""The `frugalserve` command: a thin dispatcher that imports each subcommand lazily.
+
+Each subcommand lives in the package that owns it and exposes `main(argv: list[str]) -> int`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module, one-line help)
+    "serve": ("frugalserve.serve_app.run", "start the application from a config file"),
+    "demo-models": ("frugalserve.experts.demo", "rebuild the tiny untrained demo models"),
+    "zoo": ("frugalserve.experts.zoo", "train the demo expert zoo (`zoo train`)"),
+    "eval": ("frugalserve.experts.evaluate", "evaluate experts on the task suite"),
+    "calibrate": ("frugalserve.cascade.calibrate_cli", "fit the router on a response matrix"),
+    "eval-router": ("frugalserve.cascade.eval_router_cli", "evaluate a calibrated router"),
+    "plan": ("frugalserve.cluster.plan", "capacity planner: memory per token, replicas, GPUs"),
+    "kuberay": ("frugalserve.cluster.kuberay", "print a KubeRay RayService manifest"),
+    "finetune": ("frugalserve.experts.finetune", "QLoRA fine-tune an expert on one domain"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: frugalserve <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name in ("-V", "--version"):
+        from frugalserve import __version__
+
+        print(__version__)
+        return 0
+    if name not in SUBCOMMANDS:
+        print(f"frugalserve: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name = SUBCOMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("frugalserve"):
+            print(f"frugalserve: command {name!r} is not available in this build", file=sys.stderr)
+            return 2
+        raise
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

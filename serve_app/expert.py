@@ -1,0 +1,99 @@
+"""The expert deployment: one engine per replica, concurrent requests batched into one call.
+
+Thin by design: it validates a request against the engine's context, hands it to the batcher,
+and translates the engine's deltas back to the caller. Streaming and non-streaming requests share
+batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from frugalserve.experts.engine import Completion, GenerationRequest, StreamDelta
+from frugalserve.experts.spec import ExpertSpec, default_cost_per_1k
+
+logger = logging.getLogger("ray.serve")
+
+
+def _load_engine(spec: ExpertSpec):
+    if spec.engine == "vllm":  # the spec validator already checked vllm is installed
+        from frugalserve.experts.vllm_engine import VLLMEngine
+
+        return VLLMEngine.from_spec(spec)
+    from frugalserve.experts.transformers_engine import TransformersEngine
+
+    return TransformersEngine.from_spec(spec)
+
+
+class ExpertServer:
+    """Serve deployment class for one expert; `build_app` wraps it with `serve.deployment`."""
+
+    def __init__(self, spec: dict):
+        self.spec = ExpertSpec.model_validate(spec)
+        import torch
+
+        torch.set_num_threads(max(1, int(self.spec.resources.num_cpus)))
+        self.engine = _load_engine(self.spec)
+        self._batched.set_max_batch_size(self.spec.batching.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_s)
+        params = getattr(self.engine, "num_parameters", 0)
+        self.cost_in = self.spec.cost_per_1k_prompt
+        self.cost_out = self.spec.cost_per_1k_completion
+        if self.cost_in is None:
+            self.cost_in = default_cost_per_1k(params)
+        if self.cost_out is None:
+            self.cost_out = default_cost_per_1k(params)
+        self.num_parameters = params
+        logger.info("expert %s ready (pid %d)", self.spec.name, os.getpid())
+
+    def info(self) -> dict:
+        return {
+            "name": self.spec.name,
+            "model": self.spec.model,
+            "engine": self.spec.engine,
+            "max_context": self.engine.max_context,
+            "max_tokens_default": self.spec.max_tokens_default,
+            "num_parameters": self.num_parameters,
+            "cost_per_1k_prompt": self.cost_in,
+            "cost_per_1k_completion": self.cost_out,
+            "attention_backend": getattr(self.engine, "attention_backend", "unknown"),
+            "description": self.spec.description,
+        }
+
+    def stats(self) -> dict:
+        """Engine call sizes so far (how well batching works) and memory facts."""
+        return {
+            "batch_sizes": list(getattr(self.engine, "batch_sizes", [])),
+            "memory": self.engine.memory_stats(),
+            "pid": os.getpid(),
+        }
+
+    def count_tokens(self, request: GenerationRequest) -> int:
+        return self.engine.count_prompt_tokens(request)
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        self.engine.check_fits(request)  # fail this request alone, before it joins a batch
+        async for delta in self._batched(request):
+            if delta.completion is not None:
+                return delta.completion  # leave now, not after the batch's next step
+        raise RuntimeError("the engine ended the request without a completion")
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        self.engine.check_fits(request)
+        async for delta in self._batched(request):
+            yield delta
+            if delta.completion is not None:
+                return
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _batched(self, requests: list[GenerationRequest]):
+        async for step in self.engine.stream_batch(requests):
+            yield [StopIteration if d is None else d for d in step]
+
+    async def check_health(self) -> None:
+        if self.engine is None:
+            raise RuntimeError("engine not loaded")

@@ -1,0 +1,112 @@
+"""Shared fixtures: one real Ray Serve application per test session, reached over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TEST_APP_ARGS = {
+    "gpus": "never",
+    "default_model": "demo-llama",
+    "router": {"num_replicas": 1, "num_cpus": 0.1},
+    "experts": [
+        {
+            "name": "demo-llama",
+            "model": "builtin:demo-llama",
+            "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.1},
+            "resources": {"num_cpus": 0.5},
+        },
+        {
+            "name": "demo-falcon",
+            "model": "builtin:demo-falcon",
+            "max_context": 128,
+            "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.1},
+            "resources": {"num_cpus": 0.5},
+        },
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray instance for the whole session (Serve starts in about 10 s here)."""
+    import ray
+
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=200 * 1024**2,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    )
+    yield ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_cluster):
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def app_url(serve_http):
+    """The test application (both demo experts) deployed once, under route prefix /."""
+    from ray import serve
+
+    from frugalserve.serve_app.app import build_app
+
+    started = time.monotonic()
+    serve.run(build_app(TEST_APP_ARGS), name="frugalserve", route_prefix="/")
+    _wait_ready(serve_http, started)
+    return serve_http
+
+
+def _wait_ready(url: str, started: float, timeout_s: float = 180) -> None:
+    import httpx
+
+    while time.monotonic() - started < timeout_s:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"application at {url} not ready after {timeout_s} s")

@@ -1,0 +1,162 @@
+"""The live application over real HTTP: httpx and the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from frugalserve.experts.engine import GenerationRequest, SamplingParams
+from frugalserve.experts.spec import resolve_model_path
+from frugalserve.experts.transformers_engine import TransformersEngine
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [{"role": "user", "content": "What is the capital of Zorvia?"}]
+
+
+@pytest.fixture(scope="module")
+def http(app_url):
+    with httpx.Client(base_url=app_url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    return openai.OpenAI(base_url=f"{app_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model_path("builtin:demo-llama"))
+
+
+@pytest.fixture(scope="module")
+def local_engine():
+    return TransformersEngine.from_path(resolve_model_path("builtin:demo-llama"), device="cpu",
+                                        dtype="float32")
+
+
+def prompt_len(tokenizer, messages) -> int:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_models_lists_every_expert(client):
+    ids = {m.id for m in client.models.list().data}
+    assert ids == {"demo-llama", "demo-falcon"}
+
+
+def test_chat_completion_matches_the_engine_and_counts_usage(client, tokenizer, local_engine):
+    r = client.chat.completions.create(model="demo-llama", messages=MESSAGES, max_tokens=7,
+                                       temperature=0)
+    (direct,) = asyncio.run(local_engine.generate(
+        [GenerationRequest(messages=tuple(MESSAGES), params=SamplingParams(max_tokens=7))]))
+    assert r.choices[0].message.content == direct.text
+    assert r.usage.prompt_tokens == prompt_len(tokenizer, MESSAGES)
+    assert r.usage.completion_tokens == direct.completion_tokens
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    extra = r.model_extra["frugalserve"]
+    assert extra["experts"] == ["demo-llama"] and extra["cost"] > 0
+
+
+def test_text_completion_with_logprobs(http, local_engine):
+    r = http.post("/v1/completions", json={"model": "demo-llama", "prompt": "The capital of",
+                                           "max_tokens": 5, "temperature": 0, "logprobs": 1})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    (direct,) = asyncio.run(local_engine.generate(
+        [GenerationRequest(prompt="The capital of", params=SamplingParams(max_tokens=5))]))
+    assert body["choices"][0]["text"] == direct.text
+    assert body["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
+        list(direct.token_logprobs), abs=1e-4)
+    assert body["usage"]["completion_tokens"] == direct.completion_tokens
+    assert body["frugalserve"]["answered_by"] == "demo-llama"
+
+
+def test_max_tokens_and_stop_are_respected(client):
+    free = client.chat.completions.create(model="demo-falcon", messages=MESSAGES, max_tokens=3,
+                                          temperature=0)
+    assert free.usage.completion_tokens <= 3
+    longer = client.chat.completions.create(model="demo-falcon", messages=MESSAGES,
+                                            max_tokens=12, temperature=0)
+    text = longer.choices[0].message.content
+    stop = text[3:5]
+    cut = client.chat.completions.create(model="demo-falcon", messages=MESSAGES, max_tokens=12,
+                                         temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[: text.find(stop)]
+
+
+def test_streaming_chat_with_the_openai_client(client):
+    whole = client.chat.completions.create(model="demo-llama", messages=MESSAGES, max_tokens=9,
+                                           temperature=0)
+    stream = client.chat.completions.create(model="demo-llama", messages=MESSAGES, max_tokens=9,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    pieces, usage, finish = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+    assert finish == whole.choices[0].finish_reason
+
+
+def test_streaming_completion_over_sse_ends_with_done(http):
+    with http.stream("POST", "/v1/completions", json={
+        "model": "demo-falcon", "prompt": "Once", "max_tokens": 6, "stream": True,
+    }) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "usage" not in chunks[-1]  # include_usage was not asked for
+    assert chunks[-1]["frugalserve"]["answered_by"] == "demo-falcon"
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(app_url, local_engine):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("expert-demo-llama", app_name="frugalserve")
+    before = len(handle.stats.remote().result()["batch_sizes"])
+    prompts = [f"Question number {i}: what is {i} + {i}?" for i in range(16)]
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=app_url, timeout=120) as c:
+            return await asyncio.gather(*[
+                c.post("/v1/chat/completions", json={
+                    "model": "demo-llama", "max_tokens": 6, "temperature": 0,
+                    "messages": [{"role": "user", "content": p}]}) for p in prompts])
+
+    responses = asyncio.run(fire())
+    sizes = handle.stats.remote().result()["batch_sizes"][before:]
+    assert sum(sizes) == 16
+    assert len(sizes) < 16, f"16 requests took {len(sizes)} engine calls: {sizes}"
+    expected = asyncio.run(local_engine.generate([
+        GenerationRequest(messages=({"role": "user", "content": p},),
+                          params=SamplingParams(max_tokens=6)) for p in prompts]))
+    for r, want in zip(responses, expected):
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == want.text
+
+
+def test_default_model_alias(http):
+    r = http.post("/v1/chat/completions", json={"model": "default", "messages": MESSAGES,
+                                                "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"] == "demo-llama"
+
+
+def test_health(http):
+    r = http.get("/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
