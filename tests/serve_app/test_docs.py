@@ -1,0 +1,18 @@
+"""The config reference documents every field the config models accept."""
+
+from __future__ import annotations
+
+from frugalserve.experts.spec import BatchingConfig, ExpertSpec, ReplicaResources
+from frugalserve.serve_app.config import AppConfig, RouterConfig
+from tests.conftest import REPO
+
+
+def test_every_config_field_is_documented():
+    doc = (REPO / "docs/configuration.md").read_text()
+    expected = [f"`{n}`" for n in AppConfig.model_fields]
+    expected += [f"`router.{n}`" for n in RouterConfig.model_fields]
+    expected += [f"`{n}`" for n in ExpertSpec.model_fields if n not in ("batching", "resources")]
+    expected += [f"`batching.{n}`" for n in BatchingConfig.model_fields]
+    expected += [f"`resources.{n}`" for n in ReplicaResources.model_fields]
+    missing = [e for e in expected if e not in doc]
+    assert not missing, f"docs/configuration.md lacks {missing}"
