@@ -1,0 +1,180 @@
+"""Fit a router on a calibration matrix: scorers, the MoE gate, and cascade thresholds.
+
+FrugalGPT's search: over tier orderings (up to `max_depth` experts) and per-tier acceptance
+thresholds taken from a quantile grid of out-of-fold scores, keep every operating point, and
+pick the best ordering + thresholds for a budget (max accuracy s.t. mean cost ≤ budget) or for an
+accuracy target (least cost s.t. accuracy ≥ target). RouteLLM's threshold-by-quantile is
+`threshold_for_share`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from frugalserve.cascade.gate import Gate, fit_gate
+from frugalserve.cascade.matrix import ResponseMatrix
+from frugalserve.cascade.policy import gate_choose, replay_cascade
+from frugalserve.cascade.scorer import Scorer, fit_scorer, out_of_fold_scores
+from frugalserve.cascade.features import Projector, row_answer_features
+
+GATE_DIMS = 64  # principal components of the prompt features the gate sees
+SCORER_DIMS = 16  # ... and the scorer, beside the answer features
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    order: tuple[str, ...]
+    thresholds: tuple[float, ...]
+    accuracy: float
+    cost: float
+
+    def as_dict(self) -> dict:
+        return {"order": list(self.order), "thresholds": [float(t) for t in self.thresholds],
+                "accuracy": self.accuracy, "cost": self.cost}
+
+
+@dataclass
+class CalibrationResult:
+    experts: list[str]
+    projector: Projector
+    scorer: Scorer
+    gate: Gate
+    frontier: list[OperatingPoint]  # cascade Pareto frontier on calib, cheapest first
+    cascade: OperatingPoint  # the operating point served by default
+    oof_scores: np.ndarray  # [n, e] on calib
+    oof_gate: np.ndarray  # [n, e] gate P(correct) on calib
+    summary: dict = field(default_factory=dict)
+
+
+def answer_feature_matrix(m: ResponseMatrix) -> dict[str, np.ndarray]:
+    return {e: np.stack([row_answer_features(m.rows[i][j]) for i in range(m.n)])
+            for j, e in enumerate(m.experts)}
+
+
+def threshold_for_share(scores: np.ndarray, escalate_share: float) -> float:
+    """RouteLLM-style: the threshold under which `escalate_share` of prompts fall."""
+    if not 0.0 <= escalate_share <= 1.0:
+        raise ValueError(f"escalate_share must be in [0, 1], got {escalate_share}")
+    return float(np.quantile(scores, escalate_share))
+
+
+def search_cascades(scores: np.ndarray, correct: np.ndarray, cost: np.ndarray,
+                    experts: Sequence[str], candidates: Sequence[str], max_depth: int = 3,
+                    grid: int = 21, progress: Progress | None = None) -> list[OperatingPoint]:
+    """Every ordering of up to `max_depth` candidates × a quantile grid of thresholds; returns
+    the Pareto frontier (no point both cheaper and more accurate), cheapest first."""
+    idx = {e: experts.index(e) for e in candidates}
+    orders = [p for d in range(1, max_depth + 1) for p in itertools.permutations(candidates, d)]
+    qs = np.linspace(0, 1, grid)
+    points: list[OperatingPoint] = []
+    for k, order in enumerate(orders):
+        cols = [idx[e] for e in order]
+        s, c, y = scores[:, cols], cost[:, cols], correct[:, cols]
+        grids = [np.unique(np.concatenate([np.quantile(s[:, j], qs), [np.inf]]))
+                 for j in range(len(cols) - 1)]
+        for ths in itertools.product(*grids):
+            _, ok, spent = replay_cascade(s, y, c, ths)
+            points.append(OperatingPoint(order, tuple(float(t) for t in ths),
+                                         float(ok.mean()), float(spent.mean())))
+        if progress:
+            progress("cascade orderings", k + 1, len(orders))
+    return pareto(points)
+
+
+def pareto(points: Sequence[OperatingPoint]) -> list[OperatingPoint]:
+    best: list[OperatingPoint] = []
+    for p in sorted(points, key=lambda p: (p.cost, -p.accuracy, len(p.order))):
+        if not best or p.accuracy > best[-1].accuracy + 1e-12:
+            best.append(p)
+    return best
+
+
+def best_under_budget(frontier: Sequence[OperatingPoint], budget: float) -> OperatingPoint | None:
+    ok = [p for p in frontier if p.cost <= budget + 1e-12]
+    return max(ok, key=lambda p: (p.accuracy, -p.cost)) if ok else None
+
+
+def cheapest_reaching(frontier: Sequence[OperatingPoint], target: float) -> OperatingPoint | None:
+    ok = [p for p in frontier if p.accuracy >= target - 1e-12]
+    return min(ok, key=lambda p: p.cost) if ok else None
+
+
+def choose_gate_settings(gate: Gate, probs: np.ndarray, correct: np.ndarray,
+                         tol: float = 0.005) -> dict:
+    """Largest cost weight (then floor) whose calib accuracy stays within `tol` of the best."""
+    results = []
+    for w in (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0):
+        choice = np.array([gate.experts.index(gate_choose(
+            gate.experts, p, gate.mean_cost, cost_weight=w, floor=0.0,
+            default=gate.default).experts[0]) for p in probs])
+        acc = float(correct[np.arange(len(choice)), choice].mean())
+        cost = float(gate.mean_cost[choice].mean())
+        results.append((w, acc, cost))
+    top = max(a for _, a, _ in results)
+    w, acc, cost = max((r for r in results if r[1] >= top - tol), key=lambda r: r[0])
+    return {"cost_weight": w, "accuracy": acc, "cost": cost, "sweep": results}
+
+
+def fit_router(m: ResponseMatrix, prompt_feats: np.ndarray, *, tiers: Sequence[str],
+               default_expert: str | None = None, budget: float | None = None,
+               target_accuracy: float | None = None, max_depth: int = 3, seed: int = 0,
+               progress: Progress | None = None) -> CalibrationResult:
+    """Fit scorer and gate on `m`, search cascades over `tiers`, choose the served point.
+
+    The served point: with `budget`, the most accurate within it; with `target_accuracy`, the
+    cheapest reaching it; by default the cheapest reaching the best single tier's accuracy.
+    """
+    unknown = [t for t in tiers if t not in m.experts]
+    if unknown:
+        raise ValueError(f"tiers {unknown} are not in the calibration matrix {m.experts}")
+    projector = Projector.fit(prompt_feats, GATE_DIMS)
+    gate_x, scorer_x = projector(prompt_feats), projector(prompt_feats, SCORER_DIMS)
+    feats = answer_feature_matrix(m)
+    oof = np.zeros((m.n, len(m.experts)))
+    for j, e in enumerate(m.experts):
+        oof[:, j] = out_of_fold_scores(feats[e], scorer_x, m.correct[:, j], seed=seed)
+        if progress:
+            progress("scorers", j + 1, len(m.experts))
+    scorer = fit_scorer(feats, scorer_x, {e: m.correct[:, j] for j, e in
+                                         enumerate(m.experts)}, seed=seed)
+    frontier = search_cascades(oof, m.correct, m.cost, m.experts, list(tiers), max_depth,
+                               progress=progress)
+    tier_acc = {t: float(m.correct[:, m.column(t)].mean()) for t in tiers}
+    if budget is not None:
+        served = best_under_budget(frontier, budget)
+        if served is None:
+            raise ValueError(f"budget {budget} is below the cheapest operating point "
+                             f"({frontier[0].cost:.6g} cost units per request)")
+    else:
+        target = target_accuracy if target_accuracy is not None else max(tier_acc.values())
+        served = cheapest_reaching(frontier, target) or frontier[-1]
+    gate, oof_gate = _fit_gate_oof(m, gate_x, default_expert or tiers[-1], seed, progress)
+    gate_settings = choose_gate_settings(gate, oof_gate, m.correct)
+    gate.cost_weight = gate_settings["cost_weight"]
+    return CalibrationResult(
+        experts=list(m.experts), projector=projector, scorer=scorer, gate=gate, frontier=frontier, cascade=served,
+        oof_scores=oof, oof_gate=oof_gate,
+        summary={"tier_accuracy": tier_acc, "gate": gate_settings, "n_prompts": m.n},
+    )
+
+
+def _fit_gate_oof(m: ResponseMatrix, x: np.ndarray, default: str, seed: int,
+                  progress: Progress | None, folds: int = 5) -> tuple[Gate, np.ndarray]:
+    mean_cost = m.mean_cost()
+    fold = np.random.default_rng(seed).permutation(m.n) % folds
+    oof = np.zeros((m.n, len(m.experts)))
+    for f in range(folds):
+        tr, te = fold != f, fold == f
+        g = fit_gate(x[tr], m.correct[tr], m.experts, mean_cost, seed)
+        oof[te] = g.probabilities(x[te])
+        if progress:
+            progress("gate folds", f + 1, folds)
+    gate = fit_gate(x, m.correct, m.experts, mean_cost, seed)
+    gate.default = default
+    return gate, oof

@@ -1,0 +1,48 @@
+"""The MoE gate: P(expert answers correctly | prompt) for every expert, from prompt features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from frugalserve.cascade.mlp import MLP, fit_mlp
+from frugalserve.cascade.policy import GateDecision, gate_choose
+
+
+@dataclass
+class Gate:
+    experts: list[str]
+    model: MLP
+    mean_cost: np.ndarray  # [e] expected cost per request on calibration prompts
+    cost_weight: float = 0.0
+    floor: float = 0.0
+    default: str = ""
+    k: int = 1
+
+    def probabilities(self, prompt_features: np.ndarray) -> np.ndarray:
+        return self.model.predict_proba(np.atleast_2d(prompt_features))  # [n, e]
+
+    def choose(self, prompt_features: np.ndarray, k: int | None = None) -> GateDecision:
+        p = self.probabilities(prompt_features)[0]
+        return gate_choose(self.experts, p, self.mean_cost, cost_weight=self.cost_weight,
+                           floor=self.floor, default=self.default or self.experts[-1],
+                           k=k or self.k)
+
+    def choose_many(self, prompt_features: np.ndarray) -> np.ndarray:
+        """Index of the top-1 expert for each row (the offline replay of `choose`)."""
+        p = self.probabilities(prompt_features)
+        return np.array([
+            self.experts.index(gate_choose(self.experts, row, self.mean_cost,
+                                           cost_weight=self.cost_weight, floor=self.floor,
+                                           default=self.default or self.experts[-1]).experts[0])
+            for row in p
+        ])
+
+
+def fit_gate(features: np.ndarray, correct: np.ndarray, experts: Sequence[str],
+             mean_cost: np.ndarray, seed: int = 0) -> Gate:
+    """Multi-label fit: one sigmoid output per expert, label = that expert answered right."""
+    model = fit_mlp(features, correct.astype(int), hidden=(64,), seed=seed)
+    return Gate(list(experts), model, np.asarray(mean_cost, dtype=float))

@@ -1,0 +1,96 @@
+"""Routing decisions as pure functions returning small frozen dataclasses.
+
+The router calls these with numbers it has (gate probabilities, scorer outputs, costs); the
+offline evaluation calls the same functions, so live and offline decisions agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    experts: tuple[str, ...]  # best first; top-k asks all of them
+    probabilities: tuple[float, ...]  # P(correct) the gate predicts for each chosen expert
+    fallback: bool  # True when no expert cleared the confidence floor
+    reason: str
+
+
+def gate_choose(
+    experts: Sequence[str],
+    p_correct: Sequence[float],
+    costs: Sequence[float],
+    *,
+    cost_weight: float,
+    floor: float,
+    default: str,
+    k: int = 1,
+) -> GateDecision:
+    """Pick the expert(s) with the best `P(correct) − cost_weight · cost / max(cost)`.
+
+    When even the most likely expert is under `floor`, fall back to `default`.
+    """
+    p = np.asarray(p_correct, dtype=float)
+    c = np.asarray(costs, dtype=float)
+    utility = p - cost_weight * c / max(float(c.max()), 1e-12)
+    order = np.lexsort((c, -utility))  # best utility first, cheaper first on ties
+    if float(p.max()) < floor:
+        i = list(experts).index(default)
+        return GateDecision((default,), (float(p[i]),), True,
+                            f"max P(correct)={p.max():.3f} under floor {floor:.3f}")
+    chosen = order[: max(1, k)]
+    return GateDecision(
+        tuple(experts[i] for i in chosen), tuple(float(p[i]) for i in chosen), False,
+        f"utility {utility[chosen[0]]:.3f} (P={p[chosen[0]]:.3f}, cost weight {cost_weight})",
+    )
+
+
+@dataclass(frozen=True)
+class CascadeStep:
+    accept: bool
+    reason: str  # "score", "last_tier", "budget", "max_tier"
+
+
+def cascade_step(
+    tier: int,
+    n_tiers: int,
+    score: float,
+    threshold: float,
+    *,
+    spent: float = 0.0,
+    next_cost: float = 0.0,
+    budget: float | None = None,
+    max_tier: int | None = None,
+) -> CascadeStep:
+    """After tier `tier` answered with `score`: accept it or escalate to the next tier."""
+    if tier >= n_tiers - 1:
+        return CascadeStep(True, "last_tier")
+    if max_tier is not None and tier >= max_tier:
+        return CascadeStep(True, "max_tier")
+    if score >= threshold:
+        return CascadeStep(True, "score")
+    if budget is not None and spent + next_cost > budget:
+        return CascadeStep(True, "budget")
+    return CascadeStep(False, "score")
+
+
+def replay_cascade(
+    scores: np.ndarray,  # [n, t] scorer output of each tier's answer
+    correct: np.ndarray,  # [n, t]
+    cost: np.ndarray,  # [n, t]
+    thresholds: Sequence[float],  # t - 1 values
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorised `cascade_step` over a matrix: (answered tier, correct, cost) per prompt."""
+    n, t = scores.shape
+    answered = np.full(n, t - 1)
+    open_ = np.ones(n, dtype=bool)
+    for j, th in enumerate(thresholds):
+        take = open_ & (scores[:, j] >= th)
+        answered[take] = j
+        open_ &= ~take
+    spent = np.cumsum(cost, axis=1)[np.arange(n), answered]
+    return answered, correct[np.arange(n), answered], spent
