@@ -21,8 +21,7 @@ from frugalserve.cascade.policy import gate_choose, replay_cascade
 from frugalserve.cascade.scorer import Scorer, fit_scorer, out_of_fold_scores
 from frugalserve.cascade.features import Projector, row_answer_features
 
-GATE_DIMS = 64  # principal components of the prompt features the gate sees
-SCORER_DIMS = 16  # ... and the scorer, beside the answer features
+SCORER_DIMS = 16  # principal components of the prompt features the scorer sees
 
 Progress = Callable[[str, int, int], None]
 
@@ -133,8 +132,8 @@ def fit_router(m: ResponseMatrix, prompt_feats: np.ndarray, *, tiers: Sequence[s
     unknown = [t for t in tiers if t not in m.experts]
     if unknown:
         raise ValueError(f"tiers {unknown} are not in the calibration matrix {m.experts}")
-    projector = Projector.fit(prompt_feats, GATE_DIMS)
-    gate_x, scorer_x = projector(prompt_feats), projector(prompt_feats, SCORER_DIMS)
+    projector = Projector.fit(prompt_feats, SCORER_DIMS)
+    gate_x, scorer_x = prompt_feats, projector(prompt_feats)
     feats = answer_feature_matrix(m)
     oof = np.zeros((m.n, len(m.experts)))
     for j, e in enumerate(m.experts):

@@ -87,7 +87,7 @@ def evaluate_router(art: RouterArtifact, m: ResponseMatrix, prompt_feats: np.nda
     if missing:
         raise ValueError(f"the matrix lacks experts the router uses: {missing}")
     scores = scores_for(art, m, prompt_feats)
-    probs = art.gate.probabilities(art.projector(prompt_feats, art.gate.model.mean.shape[0]))
+    probs = art.gate.probabilities(prompt_feats)
     acc, cost = m.accuracy(), m.mean_cost()
     singles = {e: {"accuracy": float(acc[j]), "cost": float(cost[j])}
                for j, e in enumerate(m.experts)}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from frugalserve.cascade.mlp import MLP, fit_mlp
+from frugalserve.cascade.mlp import MLP, fit_logistic
 from frugalserve.cascade.policy import GateDecision, gate_choose
 
 
@@ -43,6 +43,6 @@ class Gate:
 
 def fit_gate(features: np.ndarray, correct: np.ndarray, experts: Sequence[str],
              mean_cost: np.ndarray, seed: int = 0) -> Gate:
-    """Multi-label fit: one sigmoid output per expert, label = that expert answered right."""
-    model = fit_mlp(features, correct.astype(int), hidden=(64,), seed=seed)
+    """One logistic regression per expert on the prompt features: P(that expert is right)."""
+    model = fit_logistic(features, correct.astype(int))
     return Gate(list(experts), model, np.asarray(mean_cost, dtype=float))

@@ -82,3 +82,23 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...] = (32,), seed:
     if not single and weights[-1].shape[1] != y.shape[1]:
         raise ValueError("multi-label fit lost a label column")
     return MLP(mean, scale, weights, biases)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 1.0) -> MLP:
+    """One L2-regularised logistic regression per label column, as a zero-hidden-layer `MLP`."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y).astype(int)
+    y = y[:, None] if y.ndim == 1 else y
+    w = np.zeros((x.shape[1], y.shape[1]))
+    b = np.zeros(y.shape[1])
+    for j in range(y.shape[1]):
+        col = y[:, j]
+        if col.min() == col.max():  # one class only: the smoothed observed rate
+            rate = (col.sum() + 0.5) / (len(col) + 1.0)
+            b[j] = np.log(rate / (1 - rate))
+            continue
+        clf = LogisticRegression(C=c, max_iter=1000).fit(x, col)
+        w[:, j], b[j] = clf.coef_[0], clf.intercept_[0]
+    return MLP(np.zeros(x.shape[1]), np.ones(x.shape[1]), [w], [b])
