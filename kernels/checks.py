@@ -1,0 +1,53 @@
+"""Input checks shared by the launchers: each failure raises ValueError naming what is unsupported."""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_head_dim(d: int) -> None:
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {d} is not supported (supported: {SUPPORTED_HEAD_DIMS})")
+
+
+def check_heads(num_heads: int, num_kv_heads: int) -> int:
+    if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+        )
+    return num_heads // num_kv_heads
+
+
+def check_same(tensors: dict[str, torch.Tensor], dtypes=SUPPORTED_DTYPES) -> None:
+    names = list(tensors)
+    first = tensors[names[0]]
+    if first.dtype not in dtypes:
+        raise ValueError(f"{names[0]} dtype {first.dtype} is not supported (supported: {dtypes})")
+    for name, t in tensors.items():
+        if t.dtype != first.dtype:
+            raise ValueError(f"dtype mismatch: {names[0]} is {first.dtype} but {name} is {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"device mismatch: {names[0]} on {first.device} but {name} on {t.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, stride {t.stride(-1)}")
+
+
+def check_slopes(slopes: torch.Tensor | None, num_heads: int, device: torch.device) -> torch.Tensor | None:
+    if slopes is None:
+        return None
+    if slopes.shape != (num_heads,):
+        raise ValueError(f"alibi_slopes must be [num_heads={num_heads}], got {tuple(slopes.shape)}")
+    return slopes.to(device=device, dtype=torch.float32).contiguous()
+
+
+def check_index(name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> torch.Tensor:
+    if t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    return t.to(torch.int32).contiguous()

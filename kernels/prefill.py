@@ -1,0 +1,256 @@
+"""Flash-attention forward (prefill) in Triton: causal or not, ALiBi, GQA/MQA, varlen or padded.
+
+The query heads that share a KV head are packed into one tile (row r = token r // PACK, head r % PACK)
+so each K/V tile is loaded once for all of them. Causal tiles skip key blocks above the diagonal and
+apply masks only on the blocks that need them (diagonal, ragged tail, left padding).
+Unsupported: head dims other than checks.SUPPORTED_HEAD_DIMS, float32 inputs, dropout, backward,
+sliding windows, soft-capping, arbitrary masks (use the reference).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .checks import check_head_dim, check_heads, check_index, check_same, check_slopes
+
+LOG2E = 1.4426950408889634
+MAX_PACK = 16  # query heads per tile at most; larger groups are split into chunks
+
+
+def _configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    if os.environ.get("FRUGALSERVE_AUTOTUNE", "1") == "0":  # tests: one config, no tuning compiles
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)]
+    shapes = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
+              (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (256, 64, 8, 3),
+              (256, 128, 8, 2), (128, 128, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+@triton.jit
+def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d, d_ok, q_pos, slope2,
+                 lo, hi, len_k, kv_lo, qk_scale,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                 USE_ALIBI: tl.constexpr):
+    q_posf = q_pos.to(tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n64 = offs_n.to(tl.int64)
+        if MASKED:
+            k_ok = (offs_n < len_k) & (offs_n >= kv_lo)
+            k = tl.load(k_base + offs_n64[None, :] * stride_kt + offs_d[:, None],
+                        mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n64[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        if USE_ALIBI:
+            qk += slope2[:, None] * (offs_n.to(tl.float32)[None, :] - q_posf[:, None])
+        if MASKED:
+            ok = k_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= q_pos[:, None])
+            qk = tl.where(ok, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_base + offs_n64[:, None] * stride_vt + offs_d[None, :],
+                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_base + offs_n64[:, None] * stride_vt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_configs(), key=["seq_bucket", "HEAD_DIM", "PACK", "CAUSAL", "USE_ALIBI", "VARLEN"])
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, O, Slopes, CuQ, CuK, KvLo,  # noqa: E741
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+    seqlen_q, seqlen_k, num_kv_heads, num_chunks, qk_scale, seq_bucket,
+    GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_KV_LO: tl.constexpr,
+):
+    TOK: tl.constexpr = BLOCK_M // PACK  # query tokens per tile
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // (num_kv_heads * num_chunks)
+    kvh = (pid_bh // num_chunks) % num_kv_heads
+    chunk = pid_bh % num_chunks
+    if VARLEN:
+        q_start = tl.load(CuQ + b)
+        len_q = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        len_k = tl.load(CuK + b + 1) - k_start
+    else:
+        q_start = 0
+        len_q = seqlen_q
+        k_start = 0
+        len_k = seqlen_k
+    n_mblocks = tl.cdiv(len_q, TOK)
+    if pid_m >= n_mblocks:
+        return
+    m_blk = n_mblocks - 1 - pid_m  # heaviest (last) causal tiles are scheduled first
+    kv_lo = 0
+    if HAS_KV_LO:
+        kv_lo = tl.load(KvLo + b)
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = m_blk * TOK + rows // PACK
+    head = chunk * PACK + rows % PACK
+    row_ok = (tok < len_q) & (head < GROUP) & (rows < TOK * PACK)
+    qh = kvh * GROUP + head
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    b64 = b.to(tl.int64)
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + q_rows[:, None] * stride_qt + qh[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_pos = tok + (len_k - len_q)  # key position of each query row (bottom-right alignment)
+    slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_ALIBI:
+        slope2 = tl.load(Slopes + qh, mask=row_ok, other=0.0) * 1.4426950408889634
+
+    k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
+    v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # key range this tile can see: [kv_lo, hi); [full_lo, full_hi) needs no mask
+    first_q = m_blk * TOK + (len_k - len_q)
+    hi = len_k
+    if CAUSAL:
+        hi = tl.minimum(len_k, first_q + TOK)
+        full_hi = tl.maximum(first_q + 1, 0) // BLOCK_N * BLOCK_N
+    else:
+        full_hi = len_k // BLOCK_N * BLOCK_N
+    lo_blk = kv_lo // BLOCK_N * BLOCK_N
+    full_lo = tl.cdiv(kv_lo, BLOCK_N) * BLOCK_N
+    full_hi = tl.minimum(full_hi, len_k // BLOCK_N * BLOCK_N)
+    full_hi = tl.maximum(full_hi, full_lo)
+    # 1) partial first block (left padding), 2) unmasked blocks, 3) diagonal and tail blocks
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d, d_ok, q_pos,
+                                 slope2, lo_blk, tl.minimum(full_lo, hi), len_k, kv_lo, qk_scale,
+                                 BLOCK_N, True, CAUSAL, USE_ALIBI)
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d, d_ok, q_pos,
+                                 slope2, full_lo, full_hi, len_k, kv_lo, qk_scale,
+                                 BLOCK_N, False, CAUSAL, USE_ALIBI)
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d, d_ok, q_pos,
+                                 slope2, full_hi, hi, len_k, kv_lo, qk_scale,
+                                 BLOCK_N, True, CAUSAL, USE_ALIBI)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
+    tl.store(O + b64 * stride_ob + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _pack(group: int) -> tuple[int, int]:
+    pack = min(group, MAX_PACK)
+    return pack, triton.cdiv(group, pack)
+
+
+def _launch(q, k, v, out, strides_q, strides_k, strides_v, strides_o, batch, seqlen_q, seqlen_k, max_q,
+            causal, slopes, scale, cu_q, cu_k, kv_lo, varlen):
+    num_heads, head_dim = q.shape[-2], q.shape[-1]
+    num_kv_heads = k.shape[-2]
+    group = num_heads // num_kv_heads
+    pack, chunks = _pack(group)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    dummy = torch.empty(1, dtype=torch.int32, device=q.device)
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"] // pack), batch * num_kv_heads * chunks)  # noqa: E731
+    _prefill_kernel[grid](
+        q, k, v, out, slopes if slopes is not None else q, cu_q if cu_q is not None else dummy,
+        cu_k if cu_k is not None else dummy, kv_lo if kv_lo is not None else dummy,
+        *strides_q, *strides_k, *strides_v, *strides_o,
+        seqlen_q, seqlen_k, num_kv_heads, chunks, scale * LOG2E, triton.next_power_of_2(max(max_q, 1)),
+        GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        CAUSAL=causal, USE_ALIBI=slopes is not None, VARLEN=varlen, HAS_KV_LO=kv_lo is not None,
+    )
+    return out
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+    kv_lo: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Padded batch: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] (any strides, last dim contiguous), Sq <= Sk.
+    Query i sits at key position i + Sk - Sq. `kv_lo` [B] int: keys before it are padding.
+    Returns [B, Sq, Hq, D] (or writes `out`). See reference.attention_reference for the semantics."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q/k/v must be 4-D [B, S, H, D], got {q.dim()}/{k.dim()}/{v.dim()} dims")
+    B, Sq, Hq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    check_same({"q": q, "k": k, "v": v})
+    check_head_dim(D)
+    check_heads(Hq, k.shape[2])
+    Sk = k.shape[1]
+    if Sq > Sk:
+        raise ValueError(f"query length {Sq} > key length {Sk} is not supported")
+    slopes = check_slopes(alibi_slopes, Hq, q.device)
+    if kv_lo is not None:
+        kv_lo = check_index("kv_lo", kv_lo, (B,), q.device)
+    if out is None:
+        out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
+    if B == 0 or Sq == 0:
+        return out
+    return _launch(q, k, v, out, q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3], B, Sq, Sk, Sq,
+                   causal, slopes, scale, None, None, kv_lo, varlen=False)
+
+
+def flash_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    *,
+    causal: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Packed sequences: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens_* [B+1] int32 (starts, then total).
+    Each sequence's queries are its last Lq tokens (Lq <= Lk). Returns [Tq, Hq, D]."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"varlen q/k/v must be 3-D [T, H, D], got {q.dim()}/{k.dim()}/{v.dim()} dims")
+    if k.shape != v.shape or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    check_same({"q": q, "k": k, "v": v})
+    check_head_dim(q.shape[2])
+    check_heads(q.shape[1], k.shape[1])
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.numel() < 2:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be 1-D [B+1] tensors of the same length")
+    B = cu_seqlens_q.numel() - 1
+    cu_q = check_index("cu_seqlens_q", cu_seqlens_q, (B + 1,), q.device)
+    cu_k = check_index("cu_seqlens_k", cu_seqlens_k, (B + 1,), q.device)
+    slopes = check_slopes(alibi_slopes, q.shape[1], q.device)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if q.shape[0] == 0:
+        return out
+    sq, sk, so = q.stride(), k.stride(), out.stride()
+    return _launch(q, k, v, out, (0, sq[0], sq[1]), (0, sk[0], sk[1]), (0, v.stride(0), v.stride(1)),
+                   (0, so[0], so[1]), B, 0, 0, int(max_seqlen_q), causal, slopes, scale, cu_q, cu_k, None,
+                   varlen=True)

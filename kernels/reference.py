@@ -1,0 +1,123 @@
+"""PyTorch references for the attention kernels; also the CPU path.
+
+Conventions shared with the kernels:
+- padded layout: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; varlen layout: q [Tq, Hq, D], k/v [Tk, Hkv, D]
+  with `cu_seqlens` ([B+1], int32) giving each sequence's start.
+- query i of a sequence with Lq queries and Lk keys sits at key position `i + Lk - Lq` (queries are the
+  last Lq tokens; the causal mask is aligned bottom-right, as in a decode step against a cache).
+- ALiBi adds `slope[h] * (key_pos - query_pos)` to the scaled logit (Bloom/Falcon convention up to a
+  per-row constant, which softmax ignores). Falcon scales its bias by 1/sqrt(d): pass slopes/sqrt(d).
+- `kv_lo[b]` keys before that index are padding (left padding) and are masked.
+- GQA: query head h reads KV head h // (Hq // Hkv) (repeat_interleave).
+- rows with no visible key return 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    # [B, S, Hkv, D] -> [B, S, Hkv*group, D], head h reads KV head h // group
+    return x if group == 1 else x.repeat_interleave(group, dim=2)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+    kv_lo: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Padded-batch attention. `attn_mask` (optional) is a bool [B|1, 1|Hq, Sq, Sk] (True = attend)
+    combined with `causal`/`kv_lo`. Returns [B, Sq, Hq, D] in q's dtype."""
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qf = q.to(compute_dtype).transpose(1, 2)  # [B, Hq, Sq, D]
+    kf = _expand_kv(k, group).to(compute_dtype).transpose(1, 2)
+    vf = _expand_kv(v, group).to(compute_dtype).transpose(1, 2)
+    logits = (qf @ kf.transpose(-1, -2)) * scale  # [B, Hq, Sq, Sk]
+    q_pos = torch.arange(Sq, device=q.device) + (Sk - Sq)
+    k_pos = torch.arange(Sk, device=q.device)
+    if alibi_slopes is not None:
+        rel = (k_pos[None, :] - q_pos[:, None]).to(compute_dtype)  # [Sq, Sk]
+        logits = logits + alibi_slopes.to(compute_dtype).view(1, Hq, 1, 1) * rel
+    allowed = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = k_pos[None, :] <= q_pos[:, None]
+    allowed = allowed.view(1, 1, Sq, Sk)
+    if kv_lo is not None:
+        allowed = allowed & (k_pos.view(1, 1, 1, Sk) >= kv_lo.view(B, 1, 1, 1).to(q.device))
+    if attn_mask is not None:
+        allowed = allowed & attn_mask.to(torch.bool)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
+    out = probs @ vf  # [B, Hq, Sq, D]
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def varlen_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    causal: bool = True,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Packed variable-length attention: q [Tq, Hq, D], k/v [Tk, Hkv, D]. Returns [Tq, Hq, D]."""
+    out = torch.zeros_like(q)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        qs, qe, ks, ke = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if qe == qs:
+            continue
+        out[qs:qe] = attention_reference(
+            q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], causal=causal,
+            alibi_slopes=alibi_slopes, scale=scale, compute_dtype=compute_dtype,
+        )[0]
+    return out
+
+
+def gather_paged_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Contiguous [length, Hkv, D] view of one sequence's tokens from a paged cache [P, page, Hkv, D]."""
+    page = cache.shape[1]
+    n_pages = (length + page - 1) // page
+    return cache[block_table[:n_pages].long()].flatten(0, 1)[:length]
+
+
+def paged_decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decode against a paged cache: q [B, Lq, Hq, D] are the last Lq tokens of each sequence (their K/V
+    already written); k/v_cache [num_pages, page_size, Hkv, D]; block_tables [B, max_pages];
+    context_lens [B] (tokens in the cache, new ones included). Causal among the Lq queries."""
+    out = torch.empty_like(q)
+    for b, length in enumerate(context_lens.tolist()):
+        kb = gather_paged_kv(k_cache, block_tables[b], length)[None]
+        vb = gather_paged_kv(v_cache, block_tables[b], length)[None]
+        out[b] = attention_reference(
+            q[b : b + 1], kb, vb, causal=True, alibi_slopes=alibi_slopes, scale=scale,
+            compute_dtype=compute_dtype,
+        )[0]
+    return out
