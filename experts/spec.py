@@ -54,7 +54,16 @@ class ExpertSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="id clients use as `model`")
-    model: str = Field(..., description="local Hugging Face model folder, or builtin:NAME")
+    kind: Literal["local", "openai"] = Field(
+        "local", description="local: a deployment runs the model; openai: a remote endpoint"
+    )
+    model: str | None = Field(None, description="local Hugging Face model folder, or builtin:NAME")
+    base_url: str | None = Field(None, description="kind openai: the endpoint's /v1 URL")
+    api_key_env: str | None = Field(
+        None, description="kind openai: environment variable that holds the API key"
+    )
+    remote_model: str | None = Field(None, description="kind openai: `model` sent upstream")
+    connect_timeout_s: float = Field(5.0, gt=0, description="kind openai: connect timeout")
     engine: Literal["transformers", "vllm"] = "transformers"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto: bfloat16 on GPUs that support it, float32 on CPU"
@@ -80,10 +89,24 @@ class ExpertSpec(BaseModel):
 
     @field_validator("model")
     @classmethod
-    def _model_exists(cls, value: str) -> str:
-        if value.startswith(BUILTIN_PREFIX):
+    def _model_exists(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(BUILTIN_PREFIX):
             resolve_model_path(value)
         return value
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ExpertSpec:
+        if self.kind == "local" and not self.model:
+            raise ValueError(f"expert {self.name!r}: `model` is required for a local expert")
+        if self.kind == "openai":
+            if not self.base_url:
+                raise ValueError(f"expert {self.name!r}: kind 'openai' needs `base_url`")
+            if self.cost_per_1k_prompt is None or self.cost_per_1k_completion is None:
+                raise ValueError(
+                    f"expert {self.name!r}: kind 'openai' needs cost_per_1k_prompt and "
+                    "cost_per_1k_completion (its size is unknown)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _engine_available(self) -> ExpertSpec:
@@ -99,4 +122,6 @@ class ExpertSpec(BaseModel):
 
     @property
     def model_path(self) -> Path:
+        if self.model is None:
+            raise ValueError(f"expert {self.name!r} has no local model")
         return resolve_model_path(self.model)

@@ -48,6 +48,8 @@ def build_app(args: dict[str, Any]) -> Application:
     use_gpus = config.gpus == "always" or (config.gpus == "auto" and _cluster_has_gpus())
     handles = {}
     for spec in config.experts:
+        if spec.kind != "local":
+            continue  # remote experts are called by the router, no deployment
         options = expert_deployment_options(spec, use_gpus)
         deployment = serve.deployment(ExpertServer).options(**options)
         handles[spec.name] = deployment.bind(spec.model_dump(mode="json"))

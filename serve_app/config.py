@@ -31,6 +31,27 @@ class RouterConfig(BaseModel):
     )
 
 
+class RoutingConfig(BaseModel):
+    """The `moe` and `cascade` policies, from a calibrated router artifact."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifact: str | None = Field(
+        None, description="router artifact folder (or builtin:NAME) from `frugalserve calibrate`;"
+        " unset: no routing policies, experts only"
+    )
+    gate_k: int = Field(1, ge=1, le=8, description="experts the MoE gate asks per request")
+    gate_floor: float | None = Field(
+        None, ge=0, le=1, description="override the artifact's confidence floor"
+    )
+    gate_default: str | None = Field(
+        None, description="override the expert used under the floor (default: artifact's)"
+    )
+    sticky: bool = Field(True, description="keep a conversation on its expert or higher tier")
+    session_ttl_s: float = Field(3600.0, gt=0, description="how long a session is remembered")
+    max_sessions: int = Field(10000, ge=1, description="sessions remembered per router replica")
+
+
 class AppConfig(BaseModel):
     """What `build_app` takes: the experts, the router, and how to place replicas."""
 
@@ -41,6 +62,7 @@ class AppConfig(BaseModel):
         None, description="the `model` used when a request names `default`; first expert if unset"
     )
     router: RouterConfig = Field(default_factory=RouterConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     gpus: Literal["auto", "always", "never"] = Field(
         "auto",
         description="reserve `resources.num_gpus` per expert replica: auto = only where the "
@@ -58,7 +80,25 @@ class AppConfig(BaseModel):
             raise ValueError(f"expert names {reserved} are reserved for routing policies")
         if self.default_model is not None and self.default_model not in names:
             raise ValueError(f"default_model {self.default_model!r} is not an expert: {names}")
+        if self.routing.gate_default is not None and self.routing.gate_default not in names:
+            raise ValueError(f"routing.gate_default {self.routing.gate_default!r} is not an "
+                             f"expert: {names}")
+        if self.routing.artifact is not None:
+            self._check_artifact(names)
         return self
+
+    def _check_artifact(self, names: list[str]) -> None:
+        from frugalserve.cascade.artifact import ArtifactError, RouterArtifact
+        from frugalserve.experts.spec import resolve_model_path
+
+        try:
+            art = RouterArtifact.load(resolve_model_path(self.routing.artifact))
+        except ArtifactError as exc:
+            raise ValueError(f"routing.artifact: {exc}") from None
+        missing = sorted(set(art.experts) - set(names))
+        if missing:
+            raise ValueError(f"routing.artifact {self.routing.artifact!r} routes to experts "
+                             f"{missing} that this config does not define")
 
     def expert(self, name: str) -> ExpertSpec:
         for spec in self.experts:

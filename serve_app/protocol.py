@@ -55,6 +55,9 @@ class RoutingOptions(BaseModel):
     expert: str | None = Field(None, description="force this expert, bypassing any policy")
     budget: float | None = Field(None, gt=0, description="most cost units this request may spend")
     max_tier: int | None = Field(None, ge=0, description="highest cascade tier index to try")
+    sticky: bool | None = Field(
+        None, description="false: route this turn afresh even inside a known conversation"
+    )
 
 
 class _Common(BaseModel):

@@ -1,16 +1,16 @@
-"""The router ingress: speaks the OpenAI API and dispatches each request to an expert.
+"""The router ingress: speaks the OpenAI API and sends each request to the right expert(s).
 
-It holds DeploymentHandles to the experts and never loads a model. The `model` field names an
-expert directly (or `default`); routing policies plug in at `_route`.
+It holds DeploymentHandles to the local experts (and HTTP clients for remote ones) and never
+loads a model. The `model` field names an expert, `default`, or a routing policy (`moe`,
+`cascade`); `frugalserve.expert` / `frugalserve.policy` in the body override it.
 """
-
 
 import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
@@ -34,6 +34,7 @@ from frugalserve.serve_app.responses import (
     sse,
     text_body,
 )
+from frugalserve.serve_app.sessions import SESSION_HEADER
 
 logger = logging.getLogger("ray.serve")
 
@@ -53,10 +54,15 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 def _to_api_error(exc: BaseException, expert: str, prompt_param: str = "messages") -> APIError:
     from frugalserve.experts.transformers_engine import PromptTooLongError
+    from frugalserve.serve_app.remote import RemoteExpertError
 
     inner = _unwrap(exc)
+    if isinstance(inner, APIError):
+        return inner
     if isinstance(inner, PromptTooLongError):
         return APIError(400, str(inner), param=prompt_param, code="context_length_exceeded")
+    if isinstance(inner, RemoteExpertError):
+        return APIError(503, str(inner), type="server_error", code="expert_unavailable")
     if isinstance(inner, (ValueError, UnsupportedParameter)):
         return APIError(400, f"expert {expert!r} rejected the request: {inner}")
     if isinstance(inner, asyncio.TimeoutError):
@@ -70,10 +76,20 @@ def _to_api_error(exc: BaseException, expert: str, prompt_param: str = "messages
 @serve.ingress(app)
 class Router:
     def __init__(self, config: dict, experts: dict):
+        from frugalserve.serve_app.remote import RemoteExpert
+
         self.config = AppConfig.model_validate(config)
-        self.experts = experts  # {name: DeploymentHandle}
-        self._info: dict[str, dict] = {}
         self.timeout_s = self.config.router.request_timeout_s
+        self.experts = dict(experts)  # {name: DeploymentHandle} for local experts
+        self.remote = {s.name: RemoteExpert(s, self.timeout_s)
+                       for s in self.config.experts if s.kind == "openai"}
+        self.names = [s.name for s in self.config.experts]
+        self._info: dict[str, dict] = {n: r.info() for n, r in self.remote.items()}
+        self.policies = None
+        if self.config.routing.artifact is not None:
+            from frugalserve.serve_app.policies import Policies
+
+            self.policies = Policies(self.config, self._run_one, self._cost)
 
     # -- expert facts ---------------------------------------------------------------------
 
@@ -82,101 +98,116 @@ class Router:
             self._info[name] = await self.experts[name].info.remote()
         return self._info[name]
 
-    def _cost(self, info: dict, c: Completion) -> float:
-        return (
-            c.prompt_tokens * info["cost_per_1k_prompt"]
-            + c.completion_tokens * info["cost_per_1k_completion"]
-        ) / 1000.0
+    async def _cost(self, expert: str, prompt_tokens: int, completion_tokens: int) -> float:
+        info = await self._expert_info(expert)
+        return (prompt_tokens * info["cost_per_1k_prompt"]
+                + completion_tokens * info["cost_per_1k_completion"]) / 1000.0
 
     # -- routing --------------------------------------------------------------------------
 
-    def _route(self, body: ChatCompletionRequest | CompletionRequest) -> str:
-        """Which expert answers. Policies (`moe`, `cascade`) extend this."""
+    def _route(self, body) -> tuple[str, str]:
+        """("expert", name) or ("policy", name)."""
         options = body.frugalserve
         if options is not None and options.expert is not None:
-            return self._known_expert(options.expert, param="frugalserve.expert")
+            return "expert", self._known_expert(options.expert, "frugalserve.expert")
+        name, param = body.model, "model"
         if options is not None and options.policy is not None:
+            name, param = options.policy, "frugalserve.policy"
+        if name == "default":
+            return "expert", self.config.default_model or self.names[0]
+        if name in self.names:
+            return "expert", name
+        if self.policies is not None and name in self.policies.names:
+            return "policy", name
+        if name in ("moe", "cascade") or param == "frugalserve.policy":
             raise APIError(
-                400, f"unknown routing policy {options.policy!r}; this application has none "
-                "configured", param="frugalserve.policy", code="unknown_policy",
-            )
-        model = body.model
-        if model == "default":
-            return self.config.default_model or self.config.experts[0].name
-        return self._known_expert(model, param="model")
+                400 if param == "frugalserve.policy" else 404,
+                f"routing policy {name!r} is not available: this application has "
+                + ("policies " + str(list(self.policies.names)) if self.policies else
+                   "no router artifact configured (routing.artifact)"),
+                param=param, code="unknown_policy" if param != "model" else "model_not_found")
+        return "expert", self._known_expert(name, param)
 
     def _known_expert(self, name: str, param: str) -> str:
-        if name in self.experts:
+        if name in self.names:
             return name
+        available = self.names + (list(self.policies.names) if self.policies else [])
         raise APIError(
-            404, f"The model {name!r} does not exist; available: {sorted(self.experts)}",
-            type="invalid_request_error", param=param, code="model_not_found",
+            404, f"The model {name!r} does not exist; available: {available}",
+            param=param, code="model_not_found",
         )
 
-    # -- request building -------------------------------------------------------------------
-
-    @staticmethod
-    def _params(body, max_tokens: int | None) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            stop=body.stops(),
-            seed=body.seed,
-        )
+    # -- calling experts ----------------------------------------------------------------------
 
     async def _run_one(self, expert: str, request: GenerationRequest) -> Completion:
-        handle = self.experts[expert]
         param = "messages" if request.messages is not None else "prompt"
         try:
-            return await asyncio.wait_for(handle.generate.remote(request), self.timeout_s)
-        except APIError:
+            if expert in self.remote:
+                call = self.remote[expert].generate(request)
+            else:
+                call = self.experts[expert].generate.remote(request)
+            return await asyncio.wait_for(call, self.timeout_s)
+        except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - mapped to an HTTP error
-            if isinstance(exc, asyncio.CancelledError):
-                raise
             raise _to_api_error(exc, expert, param) from None
 
-    async def _answer(self, expert: str, request: GenerationRequest, policy: str):
-        c = await self._run_one(expert, request)
-        info = await self._expert_info(expert)
-        rec = RoutingRecord(policy=policy, answered_by=expert)
-        rec.runs.append(ExpertRun(expert, c.prompt_tokens, c.completion_tokens, self._cost(info, c)))
-        return c, rec
+    async def _outcome(self, kind: str, name: str, request, body, header, stream: bool):
+        from frugalserve.serve_app.policies import Outcome
+
+        if kind == "policy":
+            run = self.policies.moe if name == "moe" else self.policies.cascade
+            return await run(request, body.frugalserve, header, stream)
+        rec = RoutingRecord(policy="direct")
+        if stream:
+            return Outcome(rec, stream_from=name)
+        c = await self._run_one(name, request)
+        rec.runs.append(ExpertRun(name, c.prompt_tokens, c.completion_tokens,
+                                  await self._cost(name, c.prompt_tokens, c.completion_tokens)))
+        rec.answered_by = name
+        return Outcome(rec, completion=c)
+
+    def _remember(self, kind: str, request, header, rec: RoutingRecord, text: str) -> None:
+        if kind == "policy" and self.policies is not None and rec.answered_by:
+            self.policies.remember(request, header, rec.answered_by, text)
 
     # -- endpoints --------------------------------------------------------------------------
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "experts": sorted(self.experts), "version": __version__}
+        return {"status": "ok", "experts": self.names, "version": __version__,
+                "policies": list(self.policies.names) if self.policies else []}
 
     @app.get("/v1/models")
     async def models(self) -> dict:
         data = []
-        for name in self.experts:
+        for name in self.names:
             info = await self._expert_info(name)
-            data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "frugalserve",
-                    "max_model_len": info["max_context"],
-                    "frugalserve": {
-                        "kind": "expert",
-                        "num_parameters": info["num_parameters"],
-                        "cost_per_1k_prompt": info["cost_per_1k_prompt"],
-                        "cost_per_1k_completion": info["cost_per_1k_completion"],
-                        "engine": info["engine"],
-                        "attention_backend": info["attention_backend"],
-                    },
-                }
-            )
+            data.append({
+                "id": name, "object": "model", "created": 0, "owned_by": "frugalserve",
+                "max_model_len": info["max_context"],
+                "frugalserve": {
+                    "kind": "expert", "num_parameters": info["num_parameters"],
+                    "cost_per_1k_prompt": info["cost_per_1k_prompt"],
+                    "cost_per_1k_completion": info["cost_per_1k_completion"],
+                    "engine": info["engine"], "attention_backend": info["attention_backend"],
+                },
+            })
+        if self.policies is not None:
+            art = self.policies.art
+            for name in self.policies.names:
+                detail = ({"tiers": list(art.cascade.order),
+                           "expected_cost": art.cascade.cost,
+                           "calibrated_accuracy": art.cascade.accuracy}
+                          if name == "cascade" else {"experts": art.gate.experts})
+                data.append({"id": name, "object": "model", "created": 0,
+                             "owned_by": "frugalserve",
+                             "frugalserve": {"kind": "policy", **detail}})
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest):
-        expert = self._route(body)
+    async def chat_completions(self, body: ChatCompletionRequest, raw: Request):
+        kind, name = self._route(body)
         try:
             messages = body.plain_messages()
         except UnsupportedParameter as exc:
@@ -185,93 +216,131 @@ class Router:
             messages=messages, params=self._params(body, body.wanted_tokens()),
             request_id=new_id("chatcmpl"),
         )
-        if body.stream:
-            return await self._stream(expert, request, body, chat=True)
-        c, rec = await self._answer(expert, request, policy="direct")
-        return JSONResponse(chat_body(request.request_id, now(), c, rec, body.logprobs))
+        return await self._respond(kind, name, request, body, raw, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest):
-        expert = self._route(body)
+    async def completions(self, body: CompletionRequest, raw: Request):
+        kind, name = self._route(body)
         request = GenerationRequest(
             prompt=body.prompt, params=self._params(body, body.wanted_tokens()),
             request_id=new_id("cmpl"),
         )
-        if body.stream:
-            return await self._stream(expert, request, body, chat=False)
-        c, rec = await self._answer(expert, request, policy="direct")
-        return JSONResponse(text_body(request.request_id, now(), c, rec, bool(body.logprobs)))
+        return await self._respond(kind, name, request, body, raw, chat=False)
+
+    @staticmethod
+    def _params(body, max_tokens: int | None) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
+                              top_p=body.top_p, stop=body.stops(), seed=body.seed)
+
+    async def _respond(self, kind, name, request, body, raw: Request, chat: bool):
+        header = raw.headers.get(SESSION_HEADER)
+        outcome = await self._outcome(kind, name, request, body, header, body.stream)
+        logprobs = bool(body.logprobs)
+        if outcome.stream_from is not None:
+            return await self._stream_live(kind, outcome.stream_from, outcome.record, request,
+                                           body, header, chat)
+        c, rec = outcome.completion, outcome.record
+        self._remember(kind, request, header, rec, c.text)
+        if body.stream:  # held until accepted (cascade, top-k): sent as one piece
+            events = self._sse_held(c, rec, request, body, chat)
+            return StreamingResponse(events, media_type="text/event-stream")
+        make = chat_body if chat else text_body
+        return JSONResponse(make(request.request_id, now(), c, rec, logprobs))
 
     # -- streaming --------------------------------------------------------------------------
 
-    async def _stream(self, expert: str, request: GenerationRequest, body, chat: bool):
-        handle = self.experts[expert].options(stream=True)
-        gen = handle.generate_stream.remote(request)
+    def _chunker(self, request, body, chat: bool, model: str):
+        rid, created = request.request_id, now()
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, c: Completion | None, first=False):
+            lp = None
+            if body.logprobs and c is not None:
+                lp = chat_logprobs(c) if chat else completion_logprobs(c)
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else (
+                    {"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}
+            return {"id": rid, "object": obj, "created": created, "model": model,
+                    "choices": [choice]}
+
+        def tail(rec: RoutingRecord, c: Completion) -> dict:
+            return {"id": rid, "object": obj, "created": created, "model": model,
+                    "choices": [], "usage": rec.usage(c), "frugalserve": rec.as_dict()}
+
+        return chunk, tail
+
+    async def _sse_held(self, c: Completion, rec, request, body, chat) -> AsyncIterator[str]:
+        chunk, tail = self._chunker(request, body, chat, rec.answered_by)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if chat:
+            yield sse(chunk(None, None, None, first=True))
+        last = chunk(c.text, c.finish_reason, c)
+        last["frugalserve"] = rec.as_dict()
+        yield sse(last)
+        if include_usage:
+            yield sse(tail(rec, c))
+        yield sse("[DONE]")
+
+    async def _stream_live(self, kind, expert, rec, request, body, header, chat: bool):
+        if expert in self.remote:  # remote experts answer whole; stream the answer held
+            c = await self._run_one(expert, request)
+            rec.runs.append(ExpertRun(expert, c.prompt_tokens, c.completion_tokens,
+                                      await self._cost(expert, c.prompt_tokens,
+                                                       c.completion_tokens)))
+            rec.answered_by = expert
+            self._remember(kind, request, header, rec, c.text)
+            return StreamingResponse(self._sse_held(c, rec, request, body, chat),
+                                     media_type="text/event-stream")
+        gen = self.experts[expert].options(stream=True).generate_stream.remote(request)
         try:  # the first delta comes before any byte is sent, so errors are still a 4xx
             first = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
         except StopAsyncIteration:
             raise APIError(503, f"expert {expert!r} ended the stream without output") from None
-        except BaseException as exc:  # noqa: BLE001
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+        except asyncio.CancelledError:
             gen.cancel()
-            param = "messages" if chat else "prompt"
-            raise _to_api_error(exc, expert, param) from None
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            gen.cancel()
+            raise _to_api_error(exc, expert, "messages" if chat else "prompt") from None
         info = await self._expert_info(expert)
-        events = self._sse_events(expert, info, request, body, chat, first, gen)
+        events = self._sse_live(kind, expert, info, rec, request, body, header, chat, first, gen)
         return StreamingResponse(events, media_type="text/event-stream")
 
-    async def _sse_events(
-        self, expert, info, request, body, chat: bool, first, gen
-    ) -> AsyncIterator[str]:
-        rid, created = request.request_id, now()
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    async def _sse_live(self, kind, expert, info, rec, request, body, header, chat, first,
+                        gen) -> AsyncIterator[str]:
+        chunk, tail = self._chunker(request, body, chat, expert)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        want_logprobs = bool(body.logprobs)
-
-        def chunk(choice: dict) -> dict:
-            return {"id": rid, "object": obj, "created": created, "model": expert,
-                    "choices": [choice]}
-
         if chat:
-            yield sse(chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
-                             "logprobs": None, "finish_reason": None}))
+            yield sse(chunk(None, None, None, first=True))
         delta, started = first, time.monotonic()
         try:
             while True:
                 c = delta.completion
-                if delta.text or c is not None:
-                    lp = None
-                    if want_logprobs and c is not None:
-                        lp = chat_logprobs(c) if chat else completion_logprobs(c)
-                    if chat:
-                        choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
-                                  "logprobs": lp, "finish_reason": delta.finish_reason}
-                    else:
-                        choice = {"index": 0, "text": delta.text, "logprobs": lp,
-                                  "finish_reason": delta.finish_reason}
-                    out = chunk(choice)
-                    if c is not None:  # the last content chunk carries the routing record
-                        rec = RoutingRecord(policy="direct", answered_by=expert)
-                        rec.runs.append(ExpertRun(expert, c.prompt_tokens, c.completion_tokens,
-                                                  self._cost(info, c)))
-                        out["frugalserve"] = rec.as_dict()
-                    yield sse(out)
-                    if c is not None:
-                        if include_usage:
-                            yield sse({"id": rid, "object": obj, "created": created,
-                                       "model": expert, "choices": [], "usage": rec.usage(c),
-                                       "frugalserve": rec.as_dict()})
-                        break
+                if c is not None:
+                    cost = (c.prompt_tokens * info["cost_per_1k_prompt"]
+                            + c.completion_tokens * info["cost_per_1k_completion"]) / 1000.0
+                    rec.runs.append(ExpertRun(expert, c.prompt_tokens, c.completion_tokens, cost))
+                    rec.answered_by = expert
+                    last = chunk(delta.text, delta.finish_reason, c)
+                    last["frugalserve"] = rec.as_dict()
+                    yield sse(last)
+                    if include_usage:
+                        yield sse(tail(rec, c))
+                    self._remember(kind, request, header, rec, c.text)
+                    break
+                if delta.text:
+                    yield sse(chunk(delta.text, None, None))
                 if time.monotonic() - started > self.timeout_s:
                     raise asyncio.TimeoutError
                 delta = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
         except StopAsyncIteration:
             pass
+        except (asyncio.CancelledError, GeneratorExit):
+            gen.cancel()  # the client went away: free its place in the expert's batch
+            raise
         except BaseException as exc:  # noqa: BLE001 - headers are sent: report in-band
-            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-                gen.cancel()
-                raise
-            err = _to_api_error(exc, expert)
-            yield sse(err.body())
+            yield sse(_to_api_error(exc, expert).body())
         yield sse("[DONE]")

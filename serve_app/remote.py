@@ -1,0 +1,83 @@
+"""A remote OpenAI-compatible endpoint as an expert (`kind: openai`), e.g. a hosted model at the
+end of a cascade. The API key comes from an environment variable and never reaches logs."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+
+from frugalserve.experts.engine import Completion, GenerationRequest
+
+
+class RemoteExpertError(RuntimeError):
+    """The remote endpoint could not be reached or answered with an error."""
+
+
+class RemoteExpert:
+    def __init__(self, spec, timeout_s: float):
+        self.spec = spec
+        key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else ""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client = httpx.AsyncClient(
+            base_url=spec.base_url.rstrip("/"), headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=spec.connect_timeout_s),
+        )
+
+    def info(self) -> dict:
+        s = self.spec
+        return {
+            "name": s.name, "model": s.remote_model or s.name, "engine": "openai",
+            "max_context": s.max_context or 4096, "max_tokens_default": s.max_tokens_default,
+            "num_parameters": 0, "cost_per_1k_prompt": s.cost_per_1k_prompt,
+            "cost_per_1k_completion": s.cost_per_1k_completion,
+            "attention_backend": "remote", "description": s.description,
+        }
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        p = request.params
+        body = {"model": self.spec.remote_model or self.spec.name, "temperature": p.temperature,
+                "top_p": p.top_p, "logprobs": True}
+        if p.max_tokens is not None:
+            body["max_tokens"] = p.max_tokens
+        if p.stop:
+            body["stop"] = list(p.stop)
+        if p.seed is not None:
+            body["seed"] = p.seed
+        path = "/chat/completions" if request.messages is not None else "/completions"
+        if request.messages is not None:
+            body["messages"] = list(request.messages)
+        else:
+            body["prompt"], body["logprobs"] = request.prompt, 1
+        try:
+            r = await self._client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise RemoteExpertError(
+                f"remote expert {self.spec.name!r} at {self.spec.base_url} is unreachable: "
+                f"{type(exc).__name__}") from None
+        if r.status_code >= 400:
+            raise RemoteExpertError(f"remote expert {self.spec.name!r} answered {r.status_code}: "
+                                    f"{r.text[:300]}")
+        return _completion(r.json(), chat=request.messages is not None)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _completion(data: dict, chat: bool) -> Completion:
+    choice = data["choices"][0]
+    usage = data.get("usage") or {}
+    if chat:
+        text = choice["message"]["content"] or ""
+        content = (choice.get("logprobs") or {}).get("content") or []
+        lps = tuple(float(t["logprob"]) for t in content)
+        toks = tuple(str(t.get("token", "")) for t in content)
+    else:
+        text = choice.get("text", "")
+        lp = choice.get("logprobs") or {}
+        lps = tuple(float(x) for x in lp.get("token_logprobs") or [] if x is not None)
+        toks = tuple(lp.get("tokens") or [])
+    n_out = int(usage.get("completion_tokens", len(lps)))
+    return Completion(text=text, token_ids=(), token_logprobs=lps,
+                      prompt_tokens=int(usage.get("prompt_tokens", 0)), completion_tokens=n_out,
+                      finish_reason=choice.get("finish_reason") or "stop", token_texts=toks)
