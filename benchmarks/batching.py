@@ -79,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
-    from ray import serve
-
     from frugalserve.serve_app.app import build_app
+    from ray import serve
 
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     port = free_port()

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from frugalserve.cascade.calibrate import CalibrationResult, OperatingPoint
 from frugalserve.cascade.features import Projector
 from frugalserve.cascade.gate import Gate

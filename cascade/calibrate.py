@@ -14,12 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
+from frugalserve.cascade.features import Projector, row_answer_features
 from frugalserve.cascade.gate import Gate, fit_gate
 from frugalserve.cascade.matrix import ResponseMatrix
 from frugalserve.cascade.policy import gate_choose, replay_cascade
 from frugalserve.cascade.scorer import Scorer, fit_scorer, out_of_fold_scores
-from frugalserve.cascade.features import Projector, row_answer_features
 
 SCORER_DIMS = 16  # principal components of the prompt features the scorer sees
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
 from frugalserve.cascade.artifact import RouterArtifact
 from frugalserve.cascade.calibrate import answer_feature_matrix
 from frugalserve.cascade.features import ANSWER_FEATURES

@@ -22,7 +22,9 @@ ANSWER_FEATURES = (
 _NUMBER = re.compile(r"^-?\d+$")
 
 
-def answer_features(prompt: str, answer: str, token_logprobs: Sequence[float]) -> np.ndarray:
+def answer_features(prompt: str, answer: str,
+                    token_logprobs: Sequence[float] | None) -> np.ndarray:
+    token_logprobs = list(token_logprobs or [])
     lps = [float(x) for x in token_logprobs] or [0.0]
     text = answer.strip()
     return np.array([
@@ -43,7 +45,7 @@ def answer_features(prompt: str, answer: str, token_logprobs: Sequence[float]) -
 def row_answer_features(row: dict) -> np.ndarray:
     """Answer features from a response-matrix row (`token_logprobs` if present, else summary)."""
     lps = row.get("token_logprobs")
-    if not lps:
+    if lps is None and row.get("logprob_mean") is not None:
         n = max(1, int(row.get("completion_tokens", 1)))
         mean = float(row["logprob_mean"])
         lps = [float(row["logprob_first"])] + [mean] * (n - 2) + [float(row["logprob_min"])]

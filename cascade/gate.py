@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from frugalserve.cascade.mlp import MLP, fit_logistic
 from frugalserve.cascade.policy import GateDecision, gate_choose
 

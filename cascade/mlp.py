@@ -10,7 +10,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-
 from frugalserve.cascade.features import sigmoid
 
 

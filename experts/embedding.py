@@ -11,7 +11,6 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-
 from frugalserve.cascade.features import HashedPromptFeaturizer
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 from frugalserve.experts.engine import SamplingParams
 
 

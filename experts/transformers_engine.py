@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from frugalserve.experts.engine import (
     Completion,
     Engine,

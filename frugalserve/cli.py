@@ -14,8 +14,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo-models": ("frugalserve.experts.demo", "rebuild the tiny untrained demo models"),
     "zoo": ("frugalserve.experts.zoo", "train the demo expert zoo (`zoo train`)"),
     "eval": ("frugalserve.experts.evaluate", "evaluate experts on the task suite"),
-    "calibrate": ("frugalserve.cascade.calibrate_cli", "fit the router on a response matrix"),
-    "eval-router": ("frugalserve.cascade.eval_router_cli", "evaluate a calibrated router"),
+    "calibrate": ("frugalserve.serve_app.routing_cli", "fit the router on a response matrix"),
+    "eval-router": ("frugalserve.serve_app.routing_cli:eval_router_main",
+                    "evaluate a calibrated router on held-out prompts"),
     "plan": ("frugalserve.cluster.plan", "capacity planner: memory per token, replicas, GPUs"),
     "kuberay": ("frugalserve.cluster.kuberay", "print a KubeRay RayService manifest"),
     "finetune": ("frugalserve.experts.finetune", "QLoRA fine-tune an expert on one domain"),
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"frugalserve: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module_name = SUBCOMMANDS[name][0]
+    module_name, _, func = SUBCOMMANDS[name][0].partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"frugalserve: command {name!r} is not available in this build", file=sys.stderr)
             return 2
         raise
-    return int(module.main(rest) or 0)
+    return int(getattr(module, func or "main")(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ray import serve
-from ray.serve import Application
-
 from frugalserve.serve_app.config import AppConfig, parse_app_config
 from frugalserve.serve_app.expert import ExpertServer
 from frugalserve.serve_app.router import Router
+from ray import serve
+from ray.serve import Application
 
 logger = logging.getLogger("ray.serve")
 

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 from frugalserve.experts.spec import ExpertSpec
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 APP_IMPORT_PATH = "frugalserve.serve_app.app:build_app"
 RESERVED_MODEL_IDS = frozenset({"moe", "cascade"})

@@ -11,10 +11,9 @@ import logging
 import os
 from collections.abc import AsyncIterator
 
-from ray import serve
-
 from frugalserve.experts.engine import Completion, GenerationRequest, StreamDelta
 from frugalserve.experts.spec import ExpertSpec, default_cost_per_1k
+from ray import serve
 
 logger = logging.getLogger("ray.serve")
 

@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
-
 from frugalserve.cascade.artifact import ArtifactError, RouterArtifact
 from frugalserve.cascade.features import ANSWER_FEATURES, answer_features
 from frugalserve.cascade.policy import cascade_step

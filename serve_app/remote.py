@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import httpx
-
 from frugalserve.experts.engine import Completion, GenerationRequest
 
 

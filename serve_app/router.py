@@ -12,9 +12,6 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from ray import serve
-
-from frugalserve import __version__
 from frugalserve.experts.engine import Completion, GenerationRequest, SamplingParams
 from frugalserve.serve_app.config import AppConfig
 from frugalserve.serve_app.errors import APIError, install_error_handlers
@@ -35,6 +32,9 @@ from frugalserve.serve_app.responses import (
     text_body,
 )
 from frugalserve.serve_app.sessions import SESSION_HEADER
+from ray import serve
+
+from frugalserve import __version__
 
 logger = logging.getLogger("ray.serve")
 

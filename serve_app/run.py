@@ -30,9 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
-    from ray import serve
-
     from frugalserve.serve_app.app import build_app
+    from ray import serve
 
     http = dict(data.get("http_options") or {})
     host = args.host or http.get("host", "127.0.0.1")

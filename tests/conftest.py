@@ -87,14 +87,38 @@ def serve_http(ray_cluster):
 
 
 @pytest.fixture(scope="session")
-def app_url(serve_http):
-    """The test application (both demo experts) deployed once, under route prefix /."""
-    from ray import serve
+def demo_router(tmp_path_factory):
+    """A router artifact over the two demo experts (see tests/serve_app/router_fixture.py)."""
+    from tests.serve_app.router_fixture import build_demo_router
+
+    return build_demo_router(tmp_path_factory.mktemp("router"))
+
+
+@pytest.fixture(scope="session")
+def app_url(serve_http, demo_router):
+    """The test application deployed once under `/`: both demo experts, the moe and cascade
+    policies, and two remote experts: one served by a second frugalserve application under
+    `/remote` (a real OpenAI-compatible endpoint), one pointing at a closed port."""
+    import copy
 
     from frugalserve.serve_app.app import build_app
+    from ray import serve
 
     started = time.monotonic()
-    serve.run(build_app(TEST_APP_ARGS), name="frugalserve", route_prefix="/")
+    remote_args = copy.deepcopy(TEST_APP_ARGS)
+    remote_args["experts"] = [e for e in remote_args["experts"] if e["name"] == "demo-falcon"]
+    remote_args["default_model"] = "demo-falcon"
+    serve.run(build_app(remote_args), name="remote", route_prefix="/remote")
+    args = copy.deepcopy(TEST_APP_ARGS)
+    args["routing"] = {"artifact": str(demo_router)}
+    args["experts"] += [
+        {"name": "hosted-falcon", "kind": "openai", "base_url": f"{serve_http}/remote/v1",
+         "remote_model": "demo-falcon", "api_key_env": "FRUGALSERVE_TEST_KEY",
+         "cost_per_1k_prompt": 1.0, "cost_per_1k_completion": 2.0, "max_context": 128},
+        {"name": "dead", "kind": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1",
+         "cost_per_1k_prompt": 1.0, "cost_per_1k_completion": 1.0, "connect_timeout_s": 2},
+    ]
+    serve.run(build_app(args), name="frugalserve", route_prefix="/")
     _wait_ready(serve_http, started)
     return serve_http
 

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from frugalserve.cascade.matrix import ResponseMatrix
 
 EXPERTS = ("tier-s", "tier-m", "tier-l", "expert-arith")

@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from frugalserve.cascade.artifact import ArtifactError, RouterArtifact
 from frugalserve.cascade.calibrate import fit_router, threshold_for_share
 from frugalserve.cascade.evaluate import evaluate_router

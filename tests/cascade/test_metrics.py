@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from frugalserve.cascade.metrics import apgr, auroc, bootstrap_ci, cost_saved_at_parity, cpt
 
 

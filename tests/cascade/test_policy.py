@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from frugalserve.cascade.policy import cascade_step, gate_choose, replay_cascade
 
 

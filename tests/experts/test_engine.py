@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 import torch
-
 from frugalserve.experts.engine import GenerationRequest, SamplingParams
 from frugalserve.experts.spec import resolve_model_path
 from frugalserve.experts.transformers_engine import PromptTooLongError, TransformersEngine

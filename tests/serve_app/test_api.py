@@ -8,11 +8,10 @@ import json
 import httpx
 import openai
 import pytest
-from transformers import AutoTokenizer
-
 from frugalserve.experts.engine import GenerationRequest, SamplingParams
 from frugalserve.experts.spec import resolve_model_path
 from frugalserve.experts.transformers_engine import TransformersEngine
+from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import yaml
-
 from frugalserve.serve_app.config import (
     APP_IMPORT_PATH,
     ConfigError,
@@ -14,6 +13,7 @@ from frugalserve.serve_app.config import (
     load_serve_config,
     parse_app_config,
 )
+
 from tests.conftest import REPO, TEST_APP_ARGS
 
 

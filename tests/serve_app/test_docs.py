@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from frugalserve.experts.spec import BatchingConfig, ExpertSpec, ReplicaResources
 from frugalserve.serve_app.config import AppConfig, RouterConfig, RoutingConfig
+
 from tests.conftest import REPO
 
 
