@@ -46,8 +46,9 @@ def prompt_len(tokenizer, messages) -> int:
 
 
 def test_models_lists_every_expert(client):
-    ids = {m.id for m in client.models.list().data}
-    assert ids == {"demo-llama", "demo-falcon"}
+    models = {m.id: m.model_extra["frugalserve"]["kind"] for m in client.models.list().data}
+    assert models == {"demo-llama": "expert", "demo-falcon": "expert", "hosted-falcon": "expert",
+                      "dead": "expert", "moe": "policy", "cascade": "policy"}
 
 
 def test_chat_completion_matches_the_engine_and_counts_usage(client, tokenizer, local_engine):
