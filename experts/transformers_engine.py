@@ -81,6 +81,8 @@ class TransformersEngine(Engine):
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.batch_sizes: list[int] = []  # one entry per engine call: how many requests it held
+        self.cancelled: set[str] = set()  # request ids whose callers went away
+        self.cancelled_total = 0
         self.attention_backend = "transformers"
         self._lock = asyncio.Lock()
         # transformers 5.2x calls the KV cache `cache`; earlier releases `past_key_values`.
@@ -190,9 +192,24 @@ class TransformersEngine(Engine):
                 for row, d in zip(rows, deltas):
                     if d is not None and d.finish_reason is not None:
                         row.emitted = -1  # reported; stays None from now on
+                self._drop_cancelled(rows)
                 if all(row.finished for row in rows):
                     return
                 state = await asyncio.to_thread(self._decode_step, rows, state)
+
+    def cancel(self, request_id: str) -> None:
+        """The caller of `request_id` went away: stop decoding it at the next step."""
+        if request_id:
+            self.cancelled.add(request_id)
+
+    def _drop_cancelled(self, rows: list[_Row]) -> None:
+        for row in rows:
+            rid = row.request.request_id
+            if rid and rid in self.cancelled:
+                self.cancelled.discard(rid)
+                if not row.finished:
+                    row.finished, row.emitted = "cancelled", -1
+                    self.cancelled_total += 1
 
     # -- decoding --------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ batches.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -47,6 +48,11 @@ class ExpertServer:
         if self.cost_out is None:
             self.cost_out = default_cost_per_1k(params)
         self.num_parameters = params
+        self._in_flight = 0
+        from frugalserve.serve_app.metrics import expert_metrics
+
+        self._metrics = expert_metrics()
+        self._tags = {"expert": self.spec.name}
         logger.info("expert %s ready (pid %d)", self.spec.name, os.getpid())
 
     def info(self) -> dict:
@@ -67,6 +73,8 @@ class ExpertServer:
         """Engine call sizes so far (how well batching works) and memory facts."""
         return {
             "batch_sizes": list(getattr(self.engine, "batch_sizes", [])),
+            "cancelled": getattr(self.engine, "cancelled_total", 0),
+            "in_flight": self._in_flight,
             "memory": self.engine.memory_stats(),
             "pid": os.getpid(),
         }
@@ -76,20 +84,44 @@ class ExpertServer:
 
     async def generate(self, request: GenerationRequest) -> Completion:
         self.engine.check_fits(request)  # fail this request alone, before it joins a batch
-        async for delta in self._batched(request):
-            if delta.completion is not None:
-                return delta.completion  # leave now, not after the batch's next step
+        self._enter()
+        try:
+            async for delta in self._batched(request):
+                if delta.completion is not None:
+                    return delta.completion  # leave now, not after the batch's next step
+        except (asyncio.CancelledError, GeneratorExit):
+            self.engine.cancel(request.request_id)
+            raise
+        finally:
+            self._leave()
         raise RuntimeError("the engine ended the request without a completion")
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         self.engine.check_fits(request)
-        async for delta in self._batched(request):
-            yield delta
-            if delta.completion is not None:
-                return
+        self._enter()
+        try:
+            async for delta in self._batched(request):
+                yield delta
+                if delta.completion is not None:
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller went away mid-stream: free its place in the batch.
+            self.engine.cancel(request.request_id)
+            raise
+        finally:
+            self._leave()
+
+    def _enter(self) -> None:
+        self._in_flight += 1
+        self._metrics["queue_depth"].set(self._in_flight, self._tags)
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        self._metrics["queue_depth"].set(self._in_flight, self._tags)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _batched(self, requests: list[GenerationRequest]):
+        self._metrics["batch_size"].observe(len(requests), self._tags)
         async for step in self.engine.stream_batch(requests):
             yield [StopIteration if d is None else d for d in step]
 

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from frugalserve.experts.engine import Completion, GenerationRequest, SamplingParams
 from frugalserve.serve_app.config import AppConfig
 from frugalserve.serve_app.errors import APIError, install_error_handlers
+from frugalserve.serve_app.metrics import record_outcome, router_metrics
 from frugalserve.serve_app.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -46,6 +47,23 @@ app = FastAPI(
 install_error_handlers(app)
 
 
+@app.middleware("http")
+async def _count_requests(request: Request, call_next):
+    """Requests by model, policy and status; end-to-end latency of non-streamed answers."""
+    start = time.perf_counter()
+    request.state.started = start
+    response = await call_next(request)
+    if request.url.path.startswith("/v1/") and request.method == "POST":
+        m = router_metrics()
+        model = getattr(request.state, "model", "unknown")
+        policy = getattr(request.state, "policy", "none")
+        m["requests"].inc(1, {"model": model, "policy": policy,
+                              "status": str(response.status_code)})
+        if not getattr(request.state, "streaming", False):
+            m["e2e"].observe(time.perf_counter() - start, {"model": model, "policy": policy})
+    return response
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """Ray wraps a replica's exception; the original is its `cause`."""
     cause = getattr(exc, "cause", None)
@@ -71,6 +89,26 @@ def _to_api_error(exc: BaseException, expert: str, prompt_param: str = "messages
         503, f"expert {expert!r} failed: {type(inner).__name__}: {inner}",
         type="server_error", code="expert_unavailable",
     )
+
+
+class _Timing:
+    """TTFT, inter-token latency and end-to-end latency of one streamed response."""
+
+    def __init__(self, started: float, model: str, policy: str):
+        self.started, self.model, self.policy, self.last = started, model, policy, None
+
+    def token(self) -> None:
+        now_ = time.perf_counter()
+        m = router_metrics()
+        if self.last is None:
+            m["ttft"].observe(now_ - self.started, {"model": self.model})
+        else:
+            m["itl"].observe(now_ - self.last, {"model": self.model})
+        self.last = now_
+
+    def done(self) -> None:
+        router_metrics()["e2e"].observe(time.perf_counter() - self.started,
+                                        {"model": self.model, "policy": self.policy})
 
 
 @serve.ingress(app)
@@ -234,15 +272,21 @@ class Router:
 
     async def _respond(self, kind, name, request, body, raw: Request, chat: bool):
         header = raw.headers.get(SESSION_HEADER)
+        raw.state.model = name
+        raw.state.policy = name if kind == "policy" else "direct"
+        raw.state.streaming = bool(body.stream)
+        timing = _Timing(getattr(raw.state, "started", time.perf_counter()), name,
+                         raw.state.policy)
         outcome = await self._outcome(kind, name, request, body, header, body.stream)
         logprobs = bool(body.logprobs)
         if outcome.stream_from is not None:
             return await self._stream_live(kind, outcome.stream_from, outcome.record, request,
-                                           body, header, chat)
+                                           body, header, chat, timing)
         c, rec = outcome.completion, outcome.record
         self._remember(kind, request, header, rec, c.text)
+        record_outcome(rec.as_dict(), name)
         if body.stream:  # held until accepted (cascade, top-k): sent as one piece
-            events = self._sse_held(c, rec, request, body, chat)
+            events = self._sse_held(c, rec, request, body, chat, timing)
             return StreamingResponse(events, media_type="text/event-stream")
         make = chat_body if chat else text_body
         return JSONResponse(make(request.request_id, now(), c, rec, logprobs))
@@ -272,19 +316,23 @@ class Router:
 
         return chunk, tail
 
-    async def _sse_held(self, c: Completion, rec, request, body, chat) -> AsyncIterator[str]:
+    async def _sse_held(self, c: Completion, rec, request, body, chat,
+                        timing: _Timing) -> AsyncIterator[str]:
         chunk, tail = self._chunker(request, body, chat, rec.answered_by)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if chat:
             yield sse(chunk(None, None, None, first=True))
         last = chunk(c.text, c.finish_reason, c)
         last["frugalserve"] = rec.as_dict()
+        timing.token()
         yield sse(last)
         if include_usage:
             yield sse(tail(rec, c))
         yield sse("[DONE]")
+        timing.done()
 
-    async def _stream_live(self, kind, expert, rec, request, body, header, chat: bool):
+    async def _stream_live(self, kind, expert, rec, request, body, header, chat: bool,
+                           timing: _Timing):
         if expert in self.remote:  # remote experts answer whole; stream the answer held
             c = await self._run_one(expert, request)
             rec.runs.append(ExpertRun(expert, c.prompt_tokens, c.completion_tokens,
@@ -292,7 +340,8 @@ class Router:
                                                        c.completion_tokens)))
             rec.answered_by = expert
             self._remember(kind, request, header, rec, c.text)
-            return StreamingResponse(self._sse_held(c, rec, request, body, chat),
+            record_outcome(rec.as_dict(), expert)
+            return StreamingResponse(self._sse_held(c, rec, request, body, chat, timing),
                                      media_type="text/event-stream")
         gen = self.experts[expert].options(stream=True).generate_stream.remote(request)
         try:  # the first delta comes before any byte is sent, so errors are still a 4xx
@@ -306,11 +355,12 @@ class Router:
             gen.cancel()
             raise _to_api_error(exc, expert, "messages" if chat else "prompt") from None
         info = await self._expert_info(expert)
-        events = self._sse_live(kind, expert, info, rec, request, body, header, chat, first, gen)
+        events = self._sse_live(kind, expert, info, rec, request, body, header, chat, first, gen,
+                                timing)
         return StreamingResponse(events, media_type="text/event-stream")
 
     async def _sse_live(self, kind, expert, info, rec, request, body, header, chat, first,
-                        gen) -> AsyncIterator[str]:
+                        gen, timing: _Timing) -> AsyncIterator[str]:
         chunk, tail = self._chunker(request, body, chat, expert)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if chat:
@@ -326,12 +376,15 @@ class Router:
                     rec.answered_by = expert
                     last = chunk(delta.text, delta.finish_reason, c)
                     last["frugalserve"] = rec.as_dict()
+                    timing.token()
                     yield sse(last)
                     if include_usage:
                         yield sse(tail(rec, c))
                     self._remember(kind, request, header, rec, c.text)
+                    record_outcome(rec.as_dict(), expert)
                     break
                 if delta.text:
+                    timing.token()
                     yield sse(chunk(delta.text, None, None))
                 if time.monotonic() - started > self.timeout_s:
                     raise asyncio.TimeoutError
@@ -344,3 +397,5 @@ class Router:
         except BaseException as exc:  # noqa: BLE001 - headers are sent: report in-band
             yield sse(_to_api_error(exc, expert).body())
         yield sse("[DONE]")
+        timing.done()
+

@@ -58,6 +58,9 @@ TEST_APP_ARGS = {
 }
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One Ray instance for the whole session (Serve starts in about 10 s here)."""
@@ -69,12 +72,20 @@ def ray_cluster():
         log_to_driver=False,
         object_store_memory=200 * 1024**2,
         runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+        _metrics_export_port=METRICS_PORT,
+        _system_config={"metrics_report_interval_ms": 1000},
     )
     yield ray
     from ray import serve
 
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_cluster):
+    """Where Prometheus would scrape this node: Ray's metrics export port."""
+    return f"http://127.0.0.1:{METRICS_PORT}/metrics"
 
 
 @pytest.fixture(scope="session")

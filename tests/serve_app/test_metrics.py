@@ -1,0 +1,72 @@
+"""Scrape the real Prometheus endpoint of the running application."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    text = httpx.get(url, timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def total(samples, name: str, **labels) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
+
+
+def wait_for(url, check, timeout_s=40.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = scrape(url)
+        if check(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(1.0)
+
+
+def test_requests_tokens_latency_and_batches_are_exported(app_url, metrics_url):
+    before = scrape(metrics_url)
+    n, tokens = 3, 0
+    with httpx.Client(base_url=app_url, timeout=60) as c:
+        for i in range(n):
+            r = c.post("/v1/chat/completions", json={
+                "model": "demo-falcon", "max_tokens": 4,
+                "messages": [{"role": "user", "content": f"metrics {i}"}]})
+            assert r.status_code == 200
+            tokens += r.json()["usage"]["completion_tokens"]
+        with c.stream("POST", "/v1/chat/completions", json={
+            "model": "demo-falcon", "max_tokens": 4, "stream": True,
+            "messages": [{"role": "user", "content": "metrics stream"}]}) as s:
+            for _ in s.iter_lines():
+                pass
+        assert c.post("/v1/chat/completions", json={"model": "nope", "messages": [
+            {"role": "user", "content": "x"}]}).status_code == 404
+
+    req = "ray_frugalserve_requests_total"
+
+    def done(s):
+        return total(s, req, model="demo-falcon", status="200") - \
+            total(before, req, model="demo-falcon", status="200") >= n + 1
+
+    after = wait_for(metrics_url, done)
+    assert done(after), "request counter did not reach the expected value"
+    assert total(after, req, status="404") > total(before, req, status="404")
+    gen = "ray_frugalserve_completion_tokens_total"
+    assert total(after, gen, expert="demo-falcon") - total(before, gen, expert="demo-falcon") \
+        >= tokens
+    for name in ("ray_frugalserve_e2e_request_latency_seconds_count",
+                 "ray_frugalserve_time_to_first_token_seconds_count",
+                 "ray_frugalserve_batch_size_count"):
+        assert total(after, name) > total(before, name), name
+    assert any(n == "ray_frugalserve_queue_depth" for n, _ in after)
+    assert any(n.startswith("ray_serve_") for n, _ in after)  # Serve's own series beside ours
