@@ -79,6 +79,10 @@ class ExpertSpec(BaseModel):
     max_ongoing_requests: int = Field(
         64, ge=1, description="requests a replica holds at once (Serve's backpressure)"
     )
+    max_queued_requests: int = Field(
+        256, ge=-1, description="requests waiting for a replica before new ones get a 503 "
+        "`overloaded`; -1: no bound"
+    )
     cost_per_1k_prompt: float | None = Field(
         None, ge=0, description="cost units per 1k prompt tokens; default: from parameter count"
     )

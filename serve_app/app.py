@@ -36,6 +36,7 @@ def expert_deployment_options(spec, use_gpus: bool) -> dict[str, Any]:
         "name": f"expert-{spec.name}" if not spec.name.startswith("expert-") else spec.name,
         "num_replicas": spec.num_replicas,
         "max_ongoing_requests": spec.max_ongoing_requests,
+        "max_queued_requests": spec.max_queued_requests,
         "ray_actor_options": actor,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
@@ -57,6 +58,7 @@ def build_app(args: dict[str, Any]) -> Application:
         name="router",
         num_replicas=config.router.num_replicas,
         max_ongoing_requests=config.router.max_ongoing_requests,
+        max_queued_requests=config.router.max_queued_requests,
         ray_actor_options={"num_cpus": config.router.num_cpus},
     )
     return router.bind(config.model_dump(mode="json"), handles)

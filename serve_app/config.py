@@ -28,6 +28,17 @@ class RouterConfig(BaseModel):
     request_timeout_s: float = Field(
         300.0, gt=0, description="longest a request may take end to end before a 504"
     )
+    max_queued_requests: int = Field(
+        1024, ge=-1, description="requests waiting for a router replica before the proxy "
+        "answers 503; -1: no bound"
+    )
+    api_keys_env: str | None = Field(
+        None, description="environment variable with comma-separated API keys; set: every "
+        "/v1 request needs `Authorization: Bearer <key>`"
+    )
+    api_keys_file: str | None = Field(
+        None, description="file with one API key per line (e.g. a mounted Kubernetes secret)"
+    )
 
 
 class RoutingConfig(BaseModel):

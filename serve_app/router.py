@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from frugalserve.experts.engine import Completion, GenerationRequest, SamplingParams
+from frugalserve.serve_app.auth import authorized, load_keys
 from frugalserve.serve_app.config import AppConfig
-from frugalserve.serve_app.errors import APIError, install_error_handlers
+from frugalserve.serve_app.errors import APIError, error_body, install_error_handlers
 from frugalserve.serve_app.metrics import record_outcome, router_metrics
 from frugalserve.serve_app.protocol import (
     ChatCompletionRequest,
@@ -47,13 +48,34 @@ app = FastAPI(
 install_error_handlers(app)
 
 
+def _api_path(request: Request) -> str:
+    """The path below the application's route prefix (Starlette keeps the prefix in it)."""
+    path, root = request.url.path, request.scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+@app.middleware("http")
+async def _require_key(request: Request, call_next):
+    # Serve pickles the app and this class by value, so process-wide state lives in a module
+    # imported at run time, not in this module's globals.
+    from frugalserve.serve_app import auth
+
+    keys = auth.ACTIVE_KEYS
+    if keys is not None and _api_path(request).startswith("/v1/") and not authorized(
+            request.headers.get("authorization"), keys):
+        return JSONResponse(error_body(
+            "Incorrect or missing API key: send `Authorization: Bearer <key>`",
+            "invalid_request_error", None, "invalid_api_key"), 401)
+    return await call_next(request)
+
+
 @app.middleware("http")
 async def _count_requests(request: Request, call_next):
     """Requests by model, policy and status; end-to-end latency of non-streamed answers."""
     start = time.perf_counter()
     request.state.started = start
     response = await call_next(request)
-    if request.url.path.startswith("/v1/") and request.method == "POST":
+    if _api_path(request).startswith("/v1/") and request.method == "POST":
         m = router_metrics()
         model = getattr(request.state, "model", "unknown")
         policy = getattr(request.state, "policy", "none")
@@ -73,10 +95,14 @@ def _unwrap(exc: BaseException) -> BaseException:
 def _to_api_error(exc: BaseException, expert: str, prompt_param: str = "messages") -> APIError:
     from frugalserve.experts.transformers_engine import PromptTooLongError
     from frugalserve.serve_app.remote import RemoteExpertError
+    from ray.serve.exceptions import BackPressureError
 
     inner = _unwrap(exc)
     if isinstance(inner, APIError):
         return inner
+    if isinstance(inner, BackPressureError):
+        return APIError(503, f"expert {expert!r} is overloaded (its queue is full); retry later",
+                        type="server_error", code="overloaded")
     if isinstance(inner, PromptTooLongError):
         return APIError(400, str(inner), param=prompt_param, code="context_length_exceeded")
     if isinstance(inner, RemoteExpertError):
@@ -117,6 +143,10 @@ class Router:
         from frugalserve.serve_app.remote import RemoteExpert
 
         self.config = AppConfig.model_validate(config)
+        from frugalserve.serve_app import auth
+
+        auth.ACTIVE_KEYS = load_keys(self.config.router.api_keys_env,
+                                     self.config.router.api_keys_file)
         self.timeout_s = self.config.router.request_timeout_s
         self.experts = dict(experts)  # {name: DeploymentHandle} for local experts
         self.remote = {s.name: RemoteExpert(s, self.timeout_s)
