@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 CONFIG ?= configs/local.yaml
 
-.PHONY: run test lint bench-batching clean
+.PHONY: run test lint load bench-batching clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,11 +16,22 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# Ray hands out logical CPUs: claim 8 so every replica fits on a 2-core machine.
 run: $(VENV)/.installed
-	$(BIN)/frugalserve serve --config $(CONFIG)
+	$(BIN)/frugalserve serve --config $(CONFIG) --num-cpus 8
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+LOAD_HOST ?=
+LOAD_TIME ?= 60s
+LOAD_USERS ?= 8
+LOAD_OUT ?= out/load
+
+# Headless locust for LOAD_TIME against LOAD_HOST, or against CONFIG started for the run.
+load: $(VENV)/.installed
+	$(BIN)/python -m frugalserve.cluster.load.run $(if $(LOAD_HOST),--host $(LOAD_HOST),--serve $(CONFIG)) \
+		--users $(LOAD_USERS) --spawn-rate $(LOAD_USERS) --run-time $(LOAD_TIME) --out $(LOAD_OUT)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

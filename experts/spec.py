@@ -48,6 +48,47 @@ class ReplicaResources(BaseModel):
     memory_bytes: int | None = Field(None, ge=0, description="Ray memory reservation per replica")
 
 
+class AutoscalingSpec(BaseModel):
+    """How Serve scales an expert: by memory per token in flight (frugalserve.cluster.autoscaling)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="scale by memory per token; off: `num_replicas` fixed")
+    min_replicas: int = Field(1, ge=0, description="fewest replicas")
+    max_replicas: int = Field(4, ge=1, description="most replicas")
+    initial_replicas: int | None = Field(None, ge=0, description="replicas at deploy; default min")
+    target_utilisation: float = Field(
+        0.7, gt=0, le=1, description="share of a replica's usable memory its tokens should take"
+    )
+    memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="share of device memory (or the budget) weights + tokens may use"
+    )
+    memory_budget_bytes: int | None = Field(
+        None, gt=0, description="memory per replica instead of the device's (CPU: the RAM)"
+    )
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="request floor: replicas >= ongoing / this; default 2 x max_batch_size"
+    )
+    upscale_delay_s: float = Field(0.0, ge=0, description="demand above this long before adding")
+    downscale_delay_s: float = Field(60.0, ge=0, description="demand below this long before removing")
+    look_back_period_s: float = Field(10.0, gt=0, description="window the replicas' reports average over")
+    metrics_interval_s: float = Field(1.0, gt=0, description="how often replicas report")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.min_replicas ({self.min_replicas}) must be <= "
+                             f"max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not (
+                self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            raise ValueError(f"autoscaling.initial_replicas ({self.initial_replicas}) must be "
+                             f"within [{self.min_replicas}, {self.max_replicas}]")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(f"autoscaling.look_back_period_s ({self.look_back_period_s}) must be "
+                             f"> metrics_interval_s ({self.metrics_interval_s})")
+        return self
+
+
 class ExpertSpec(BaseModel):
     """One expert (or cascade tier): a model, the engine that runs it, and what it costs."""
 
@@ -76,6 +117,7 @@ class ExpertSpec(BaseModel):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     resources: ReplicaResources = Field(default_factory=ReplicaResources)
     num_replicas: int = Field(1, ge=1, description="replicas when autoscaling is off")
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     max_ongoing_requests: int = Field(
         64, ge=1, description="requests a replica holds at once (Serve's backpressure)"
     )

@@ -26,21 +26,56 @@ def _cluster_has_gpus() -> bool:
         return False
 
 
+MEMORY_POLICY = "frugalserve.cluster.autoscaling:MemoryPolicy"  # a string: no import of cluster
+
+
+def autoscaling_config(spec) -> dict[str, Any]:
+    """Serve's autoscaling_config for an expert: our memory-per-token policy with its knobs in
+    policy_kwargs. Serve's own delays are 0: Ray 2.60 wraps custom policies with its delay logic,
+    and the policy keeps its own hysteresis (delays would otherwise add up)."""
+    a = spec.autoscaling
+    floor = a.target_ongoing_requests or 2.0 * spec.batching.max_batch_size
+    config = {
+        "min_replicas": a.min_replicas,
+        "max_replicas": a.max_replicas,
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
+        "look_back_period_s": a.look_back_period_s,
+        "metrics_interval_s": a.metrics_interval_s,
+        "policy": {
+            "policy_function": MEMORY_POLICY,
+            "policy_kwargs": {
+                "target_utilisation": a.target_utilisation,
+                "upscale_delay_s": a.upscale_delay_s,
+                "downscale_delay_s": a.downscale_delay_s,
+                "target_ongoing_requests": floor,
+            },
+        },
+    }
+    if a.initial_replicas is not None:
+        config["initial_replicas"] = a.initial_replicas
+    return config
+
+
 def expert_deployment_options(spec, use_gpus: bool) -> dict[str, Any]:
     actor: dict[str, Any] = {"num_cpus": spec.resources.num_cpus}
     if use_gpus and spec.resources.num_gpus > 0:
         actor["num_gpus"] = spec.resources.num_gpus
     if spec.resources.memory_bytes:
         actor["memory"] = spec.resources.memory_bytes
-    return {
+    options = {
         "name": f"expert-{spec.name}" if not spec.name.startswith("expert-") else spec.name,
-        "num_replicas": spec.num_replicas,
         "max_ongoing_requests": spec.max_ongoing_requests,
         "max_queued_requests": spec.max_queued_requests,
         "ray_actor_options": actor,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
     }
+    if spec.autoscaling.enabled:
+        options["autoscaling_config"] = autoscaling_config(spec)
+    else:
+        options["num_replicas"] = spec.num_replicas
+    return options
 
 
 def build_app(args: dict[str, Any]) -> Application:

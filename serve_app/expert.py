@@ -13,6 +13,7 @@ import os
 from collections.abc import AsyncIterator
 
 from frugalserve.experts.engine import Completion, GenerationRequest, StreamDelta
+from frugalserve.experts.memory import TokenLedger, profile_model
 from frugalserve.experts.spec import ExpertSpec, default_cost_per_1k
 from ray import serve
 
@@ -48,6 +49,7 @@ class ExpertServer:
         if self.cost_out is None:
             self.cost_out = default_cost_per_1k(params)
         self.num_parameters = params
+        self.memory, self.ledger = self._profile_memory()
         self._in_flight = 0
         from frugalserve.serve_app.metrics import expert_metrics
 
@@ -67,6 +69,7 @@ class ExpertServer:
             "cost_per_1k_completion": self.cost_out,
             "attention_backend": getattr(self.engine, "attention_backend", "unknown"),
             "description": self.spec.description,
+            "memory": self.memory.as_dict() if self.memory is not None else None,
         }
 
     def stats(self) -> dict:
@@ -75,6 +78,8 @@ class ExpertServer:
             "batch_sizes": list(getattr(self.engine, "batch_sizes", [])),
             "cancelled": getattr(self.engine, "cancelled_total", 0),
             "in_flight": self._in_flight,
+            "memory_profile": self.memory.as_dict() if self.memory is not None else None,
+            "tokens": self.ledger.snapshot() if self.ledger is not None else None,
             "memory": self.engine.memory_stats(),
             "pid": os.getpid(),
         }
@@ -83,7 +88,7 @@ class ExpertServer:
         return self.engine.count_prompt_tokens(request)
 
     async def generate(self, request: GenerationRequest) -> Completion:
-        self.engine.check_fits(request)  # fail this request alone, before it joins a batch
+        self._admit(request)  # fail this request alone, before it joins a batch
         self._enter()
         try:
             async for delta in self._batched(request):
@@ -94,10 +99,11 @@ class ExpertServer:
             raise
         finally:
             self._leave()
+            self._unqueue(request)
         raise RuntimeError("the engine ended the request without a completion")
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        self.engine.check_fits(request)
+        self._admit(request)
         self._enter()
         try:
             async for delta in self._batched(request):
@@ -110,6 +116,34 @@ class ExpertServer:
             raise
         finally:
             self._leave()
+            self._unqueue(request)
+
+    def _profile_memory(self):
+        """Measure memory per token once, before serving (the autoscaler reads it)."""
+        model = getattr(self.engine, "model", None)
+        if model is None:  # an engine without a torch model (vLLM): no memory metrics, Serve holds
+            return None, None
+        a = self.spec.autoscaling
+        profile = profile_model(model, memory_fraction=a.memory_fraction,
+                                memory_budget_bytes=a.memory_budget_bytes, name=self.spec.name)
+        logger.info("expert %s memory: %s", self.spec.name, profile.as_dict())
+        return profile, TokenLedger.for_profile(profile)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this on every replica; frugalserve.cluster.autoscaling reads it."""
+        return self.ledger.autoscaling_stats() if self.ledger is not None else {}
+
+    def _admit(self, request: GenerationRequest) -> None:
+        """Check the request fits (failing it alone, before it joins a batch) and count its
+        prompt in the token ledger, queued until its batch starts."""
+        prompt_tokens = self.engine.count_prompt_tokens(request)
+        self.engine.check_fits(request, prompt_tokens)
+        if self.ledger is not None:
+            self.ledger.add(id(request), prompt_tokens)
+
+    def _unqueue(self, request: GenerationRequest) -> None:
+        if self.ledger is not None:  # a running batch keeps its rows until it ends (_batched)
+            self.ledger.release_if_queued(id(request))
 
     def _enter(self) -> None:
         self._in_flight += 1
@@ -122,8 +156,20 @@ class ExpertServer:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _batched(self, requests: list[GenerationRequest]):
         self._metrics["batch_size"].observe(len(requests), self._tags)
-        async for step in self.engine.stream_batch(requests):
-            yield [StopIteration if d is None else d for d in step]
+        keys, ledger = [id(r) for r in requests], self.ledger
+        if ledger is not None:
+            ledger.start(keys)
+        try:
+            async for step in self.engine.stream_batch(requests):
+                if ledger is not None:
+                    for key, d in zip(keys, step):
+                        if d is not None:  # one decoding step: one more token per live row
+                            ledger.advance(key)
+                yield [StopIteration if d is None else d for d in step]
+        finally:
+            if ledger is not None:  # the batch's cache is freed now, finished rows included
+                for key in keys:
+                    ledger.release(key)
 
     async def check_health(self) -> None:
         if self.engine is None:

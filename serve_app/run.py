@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default=None, help="HTTP host (default: from the config)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: config)")
     parser.add_argument("--num-cpus", type=int, default=None,
-                        help="logical CPUs Ray may hand out (default: detected)")
+                        help="logical CPUs Ray may hand out (default: max(8, cores), so every "
+                        "replica of the demo config fits on a small machine)")
     args = parser.parse_args(argv)
     try:
         data = load_serve_config(args.config)
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     http = dict(data.get("http_options") or {})
     host = args.host or http.get("host", "127.0.0.1")
     port = args.port or http.get("port", 8000)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    num_cpus = args.num_cpus or max(8, os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
     for app in data["applications"]:
         if app.get("import_path") != APP_IMPORT_PATH:

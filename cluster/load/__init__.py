@@ -1,0 +1,1 @@
+"""Load testing: the locust users and a bounded headless runner."""
