@@ -18,7 +18,8 @@ from frugalserve.cascade.features import Projector, row_answer_features
 from frugalserve.cascade.gate import Gate, fit_gate
 from frugalserve.cascade.matrix import ResponseMatrix
 from frugalserve.cascade.policy import gate_choose, replay_cascade
-from frugalserve.cascade.scorer import Scorer, fit_scorer, out_of_fold_scores
+from frugalserve.cascade.metrics import PARITY_TOLERANCE, auroc
+from frugalserve.cascade.scorer import SCORER_KINDS, Scorer, fit_scorer, out_of_fold_scores
 
 SCORER_DIMS = 16  # principal components of the prompt features the scorer sees
 
@@ -126,7 +127,7 @@ def fit_router(m: ResponseMatrix, prompt_feats: np.ndarray, *, tiers: Sequence[s
     """Fit scorer and gate on `m`, search cascades over `tiers`, choose the served point.
 
     The served point: with `budget`, the most accurate within it; with `target_accuracy`, the
-    cheapest reaching it; by default the cheapest reaching the best single tier's accuracy.
+    cheapest reaching it; by default the cheapest within a quarter point of the best tier.
     """
     unknown = [t for t in tiers if t not in m.experts]
     if unknown:
@@ -135,12 +136,21 @@ def fit_router(m: ResponseMatrix, prompt_feats: np.ndarray, *, tiers: Sequence[s
     gate_x, scorer_x = prompt_feats, projector(prompt_feats)
     feats = answer_feature_matrix(m)
     oof = np.zeros((m.n, len(m.experts)))
+    kinds, scorer_auroc = {}, {}
     for j, e in enumerate(m.experts):
-        oof[:, j] = out_of_fold_scores(feats[e], scorer_x, m.correct[:, j], seed=seed)
+        # Per expert, keep whichever scorer ranks held-out answers better (out-of-fold AUROC).
+        best = None
+        for kind in SCORER_KINDS:
+            s = out_of_fold_scores(feats[e], scorer_x, m.correct[:, j], kind=kind, seed=seed)
+            a = auroc(s, m.correct[:, j])
+            scorer_auroc[f"{e}/{kind}"] = a
+            if best is None or (a or 0) > (best[1] or 0):
+                best = (kind, a, s)
+        kinds[e], oof[:, j] = best[0], best[2]
         if progress:
             progress("scorers", j + 1, len(m.experts))
-    scorer = fit_scorer(feats, scorer_x, {e: m.correct[:, j] for j, e in
-                                         enumerate(m.experts)}, seed=seed)
+    scorer = fit_scorer(feats, scorer_x, {e: m.correct[:, j] for j, e in enumerate(m.experts)},
+                        kinds, seed=seed)
     frontier = search_cascades(oof, m.correct, m.cost, m.experts, list(tiers), max_depth,
                                progress=progress)
     tier_acc = {t: float(m.correct[:, m.column(t)].mean()) for t in tiers}
@@ -150,7 +160,10 @@ def fit_router(m: ResponseMatrix, prompt_feats: np.ndarray, *, tiers: Sequence[s
             raise ValueError(f"budget {budget} is below the cheapest operating point "
                              f"({frontier[0].cost:.6g} cost units per request)")
     else:
-        target = target_accuracy if target_accuracy is not None else max(tier_acc.values())
+        # Default: parity with the best tier, aiming at half the parity tolerance so that the
+        # held-out accuracy keeps some room before it drops below "equal".
+        target = (target_accuracy if target_accuracy is not None
+                  else max(tier_acc.values()) - PARITY_TOLERANCE / 2)
         served = cheapest_reaching(frontier, target) or frontier[-1]
     gate, oof_gate = _fit_gate_oof(m, gate_x, default_expert or tiers[-1], seed, progress)
     gate_settings = choose_gate_settings(gate, oof_gate, m.correct)
@@ -158,7 +171,8 @@ def fit_router(m: ResponseMatrix, prompt_feats: np.ndarray, *, tiers: Sequence[s
     return CalibrationResult(
         experts=list(m.experts), projector=projector, scorer=scorer, gate=gate, frontier=frontier, cascade=served,
         oof_scores=oof, oof_gate=oof_gate,
-        summary={"tier_accuracy": tier_acc, "gate": gate_settings, "n_prompts": m.n},
+        summary={"tier_accuracy": tier_acc, "gate": gate_settings, "n_prompts": m.n,
+                 "scorer_kind": kinds, "scorer_oof_auroc": scorer_auroc},
     )
 
 

@@ -85,6 +85,8 @@ def evaluate_router(art: RouterArtifact, m: ResponseMatrix, prompt_feats: np.nda
     missing = [e for e in art.experts if e not in m.experts]
     if missing:
         raise ValueError(f"the matrix lacks experts the router uses: {missing}")
+    if m.experts != art.experts:
+        m = m.select(art.experts)  # extra columns (e.g. a yardstick model) are not routed to
     scores = scores_for(art, m, prompt_feats)
     probs = art.gate.probabilities(prompt_feats)
     acc, cost = m.accuracy(), m.mean_cost()

@@ -57,6 +57,17 @@ class ResponseMatrix:
             rows=[self.rows[i] for i in idx] if self.rows else [],
         )
 
+    def select(self, experts: Sequence[str]) -> ResponseMatrix:
+        """The same prompts with only these experts' columns."""
+        cols = [self.column(e) for e in experts]
+        return ResponseMatrix(
+            experts=list(experts), prompt_ids=list(self.prompt_ids), prompts=list(self.prompts),
+            domains=list(self.domains), difficulties=list(self.difficulties),
+            correct=self.correct[:, cols], cost=self.cost[:, cols],
+            answers=[[a[c] for c in cols] for a in self.answers],
+            rows=[[r[c] for c in cols] for r in self.rows] if self.rows else [],
+        )
+
     def mean_cost(self) -> np.ndarray:
         return self.cost.mean(axis=0)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from frugalserve.cascade.mlp import MLP, fit_mlp
+from frugalserve.cascade.mlp import MLP, fit_logistic, fit_mlp
 
 
 def join(answer_feats: np.ndarray, prompt_feats: np.ndarray) -> np.ndarray:
@@ -27,16 +27,34 @@ class Scorer:
         return self.models[expert].predict_proba(join(answer_feats, prompt_feats))[:, 0]
 
 
+SCORER_KINDS = ("mlp", "logprob")
+MLP_ALPHA = 10.0  # strong L2: calibration sets are small, and a weakly regularised MLP
+# saturates its outputs at 0/1, which leaves threshold search nothing to rank by
+
+
+def fit_one(kind: str, x: np.ndarray, y: np.ndarray, seed: int = 0) -> MLP:
+    """`mlp`: over answer + prompt features; `logprob`: a logistic curve of the mean token
+    logprob alone (feature 0), stored as the same zero-hidden-layer `MLP`."""
+    if kind == "mlp":
+        return fit_mlp(x, y, hidden=(32,), seed=seed, alpha=MLP_ALPHA)
+    one = fit_logistic(x[:, :1], y)
+    w = np.zeros((x.shape[1], 1))
+    w[0, 0] = one.weights[0][0, 0]
+    return MLP(np.zeros(x.shape[1]), np.ones(x.shape[1]), [w], [one.biases[0]])
+
+
 def fit_scorer(expert_feats: dict[str, np.ndarray], prompt_feats: np.ndarray,
-               correct: dict[str, np.ndarray], seed: int = 0) -> Scorer:
+               correct: dict[str, np.ndarray], kinds: dict[str, str] | None = None,
+               seed: int = 0) -> Scorer:
+    kinds = kinds or {}
     return Scorer({
-        e: fit_mlp(join(expert_feats[e], prompt_feats), correct[e], hidden=(32,), seed=seed)
+        e: fit_one(kinds.get(e, "mlp"), join(expert_feats[e], prompt_feats), correct[e], seed)
         for e in expert_feats
     })
 
 
 def out_of_fold_scores(answer_feats: np.ndarray, prompt_feats: np.ndarray, correct: np.ndarray,
-                       folds: int = 5, seed: int = 0) -> np.ndarray:
+                       kind: str = "mlp", folds: int = 5, seed: int = 0) -> np.ndarray:
     """Scores each prompt got from a scorer that never saw it (for honest threshold search)."""
     n = len(correct)
     rng = np.random.default_rng(seed)
@@ -46,7 +64,7 @@ def out_of_fold_scores(answer_feats: np.ndarray, prompt_feats: np.ndarray, corre
     for f in range(folds):
         tr, te = fold != f, fold == f
         if te.any():
-            out[te] = fit_mlp(x[tr], correct[tr], hidden=(32,), seed=seed).predict_proba(x[te])[:, 0]
+            out[te] = fit_one(kind, x[tr], correct[tr], seed).predict_proba(x[te])[:, 0]
     return out
 
 

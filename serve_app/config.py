@@ -69,7 +69,7 @@ class AppConfig(BaseModel):
 
     experts: list[ExpertSpec] = Field(..., min_length=1, description="one deployment each")
     default_model: str | None = Field(
-        None, description="the `model` used when a request names `default`; first expert if unset"
+        None, description="the expert or policy that answers `model: default`; first expert if unset"
     )
     router: RouterConfig = Field(default_factory=RouterConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
@@ -88,8 +88,10 @@ class AppConfig(BaseModel):
         reserved = sorted(set(names) & (RESERVED_MODEL_IDS | {"default"}))
         if reserved:
             raise ValueError(f"expert names {reserved} are reserved for routing policies")
-        if self.default_model is not None and self.default_model not in names:
-            raise ValueError(f"default_model {self.default_model!r} is not an expert: {names}")
+        models = names + (sorted(RESERVED_MODEL_IDS) if self.routing.artifact else [])
+        if self.default_model is not None and self.default_model not in models:
+            raise ValueError(f"default_model {self.default_model!r} is not an expert or a "
+                             f"configured policy: {models}")
         if self.routing.gate_default is not None and self.routing.gate_default not in names:
             raise ValueError(f"routing.gate_default {self.routing.gate_default!r} is not an "
                              f"expert: {names}")

@@ -182,7 +182,7 @@ class Router:
         if options is not None and options.policy is not None:
             name, param = options.policy, "frugalserve.policy"
         if name == "default":
-            return "expert", self.config.default_model or self.names[0]
+            name = self.config.default_model or self.names[0]
         if name in self.names:
             return "expert", name
         if self.policies is not None and name in self.policies.names:
