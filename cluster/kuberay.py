@@ -132,8 +132,20 @@ def expert_apps(serve_config: dict[str, Any]):
             if app.get("import_path") == APP_IMPORT_PATH]
 
 
-def plan_workers(apps, gpus_per_worker: int = 1, worker_cpus: float = 8.0) -> WorkerPlan:
-    """Pack every local expert replica into worker pods (first fit, largest GPU share first).
+def replica_count(spec, bound: str) -> int:
+    """Replicas of an expert at the autoscaling bound `min` or `max` (fixed without autoscaling)."""
+    a = spec.autoscaling
+    if not a.enabled:
+        return spec.num_replicas
+    if bound == "max":
+        return a.max_replicas
+    return max(a.min_replicas, a.initial_replicas or 0)
+
+
+def plan_workers(apps, gpus_per_worker: int = 1, worker_cpus: float = 8.0,
+                 bound: str = "min") -> WorkerPlan:
+    """Pack every local expert replica into worker pods (first fit, largest GPU share first),
+    counting each autoscaled expert at its `min` or `max` replicas.
 
     With no GPU demand (`gpus: never`, or every `num_gpus` 0) the pods are CPU pods, as many as
     the replicas' CPUs need."""
@@ -147,7 +159,7 @@ def plan_workers(apps, gpus_per_worker: int = 1, worker_cpus: float = 8.0) -> Wo
             if spec.kind != "local":
                 continue
             gpus = spec.resources.num_gpus if config.gpus != "never" else 0.0
-            replicas += [(gpus, spec.resources.num_cpus, spec.name)] * spec.num_replicas
+            replicas += [(gpus, spec.resources.num_cpus, spec.name)] * replica_count(spec, bound)
     cpus_total = router_cpus + sum(c for _, c, _ in replicas)
     if not any(g > 0 for g, _, _ in replicas):
         pods = max(1, math.ceil(cpus_total / worker_cpus))
@@ -213,6 +225,7 @@ def build_manifest(serve_config: dict[str, Any], opts: ClusterOptions) -> dict[s
     check_serve_config(cluster_config)
     apps = expert_apps(cluster_config)
     plan = plan_workers(apps, opts.gpus_per_worker, _cpus(opts.worker_cpus))
+    most = plan_workers(apps, opts.gpus_per_worker, _cpus(opts.worker_cpus), bound="max")
     env = _secret_env(apps, opts.name)
     serve_port = int(cluster_config["http_options"].get("port", 8000))
 
@@ -239,7 +252,7 @@ def build_manifest(serve_config: dict[str, Any], opts: ClusterOptions) -> dict[s
         "groupName": "gpu-workers" if plan.gpus_per_pod else "cpu-workers",
         "replicas": plan.pods,
         "minReplicas": plan.pods,
-        "maxReplicas": plan.pods,
+        "maxReplicas": max(plan.pods, most.pods),
         "numOfHosts": 1,
         "rayStartParams": worker_start,
         "template": {"spec": pod_spec},
@@ -256,6 +269,9 @@ def build_manifest(serve_config: dict[str, Any], opts: ClusterOptions) -> dict[s
             "serveConfigV2": dump_yaml(cluster_config),
             "rayClusterConfig": {
                 "rayVersion": opts.ray_version,
+                # Serve adds expert replicas by memory per token; KubeRay's autoscaler adds
+                # the pods they need, up to the experts' max_replicas.
+                "enableInTreeAutoscaling": most.pods > plan.pods,
                 "headGroupSpec": head,
                 "workerGroupSpecs": [worker],
             },

@@ -162,7 +162,7 @@ def workers(manifest) -> tuple[int, int]:
     (group,) = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     (container,) = group["template"]["spec"]["containers"]
     assert container["resources"]["limits"] == container["resources"]["requests"]
-    assert group["minReplicas"] == group["replicas"] == group["maxReplicas"]
+    assert group["minReplicas"] == group["replicas"] <= group["maxReplicas"]
     gpus = int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
     assert int(group["rayStartParams"].get("num-gpus", 0)) == gpus
     return group["replicas"], gpus
@@ -170,11 +170,15 @@ def workers(manifest) -> tuple[int, int]:
 
 def test_gpu_workers_match_experts(capsys):
     config = local_config()
-    demand = sum(e["resources"]["num_gpus"] * e.get("num_replicas", 1)
-                 for e in config["applications"][0]["args"]["experts"])
+    experts = config["applications"][0]["args"]["experts"]
+    # every expert autoscales by default: from 1 replica each up to 4 (AutoscalingSpec defaults)
+    low = sum(e["resources"]["num_gpus"] for e in experts)
     _, manifest = generate("--config", str(LOCAL), capsys=capsys)
     pods, gpus = workers(manifest)
-    assert (pods, gpus) == (demand, 1)
+    assert (pods, gpus) == (low, 1)
+    cluster = manifest["spec"]["rayClusterConfig"]
+    assert cluster["workerGroupSpecs"][0]["maxReplicas"] == 4 * low
+    assert cluster["enableInTreeAutoscaling"] is True
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -189,14 +193,28 @@ def write_config(tmp_path, experts, gpus="auto") -> Path:
     config["applications"][0]["args"]["experts"] = experts
     config["applications"][0]["args"]["gpus"] = gpus
     config["applications"][0]["args"]["default_model"] = experts[0]["name"]
+    config["applications"][0]["args"].pop("routing", None)  # its artifact routes to the zoo
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def expert(name, num_gpus, replicas=1, num_cpus=1):
+def expert(name, num_gpus, replicas=1, num_cpus=1, autoscaling=None):
     return {"name": name, "model": "builtin:demo-llama", "num_replicas": replicas,
+            "autoscaling": autoscaling or {"enabled": False},
             "resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
+
+
+def test_autoscaled_experts_size_the_worker_group_from_min_to_max(tmp_path, capsys):
+    path = write_config(tmp_path, [
+        expert("a", 1, autoscaling={"min_replicas": 1, "max_replicas": 3}),
+        expert("b", 1, autoscaling={"min_replicas": 2, "max_replicas": 2})])
+    assert kuberay.main(["--config", str(path)]) == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    cluster = doc["spec"]["rayClusterConfig"]
+    group = cluster["workerGroupSpecs"][0]
+    assert (group["minReplicas"], group["maxReplicas"]) == (3, 5)
+    assert cluster["enableInTreeAutoscaling"] is True
 
 
 REMOTE = {"name": "hosted", "kind": "openai", "base_url": "http://example.invalid/v1",
