@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 CONFIG ?= configs/local.yaml
 
-.PHONY: run test lint load bench-batching clean
+.PHONY: run test test-vllm lint load bench-batching clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ LOAD_OUT ?= out/load
 load: $(VENV)/.installed
 	$(BIN)/python -m frugalserve.cluster.load.run $(if $(LOAD_HOST),--host $(LOAD_HOST),--serve $(CONFIG)) \
 		--users $(LOAD_USERS) --spawn-rate $(LOAD_USERS) --run-time $(LOAD_TIME) --out $(LOAD_OUT)
+
+VLLM_VENV := .venv-vllm
+
+# Not in CI: the vllm extra pulls vLLM's own CUDA torch (several GB). Runs on CPU too (Triton
+# interpreter), without starting a vLLM engine.
+test-vllm:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[vllm]" pytest pytest-timeout
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm tests/experts/test_vllm_engine.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -31,6 +31,7 @@ class GenerationRequest:
     messages: tuple[dict, ...] | None = None  # [{"role": ..., "content": ...}, ...]
     prompt: str | None = None
     request_id: str = ""
+    adapter: str | None = None  # a LoRA adapter of the engine's base model; None: the base
 
 
 @dataclass(frozen=True)

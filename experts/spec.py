@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -110,6 +110,21 @@ class ExpertSpec(BaseModel):
         "auto", description="auto: bfloat16 on GPUs that support it, float32 on CPU"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none", description="bitsandbytes weights: 8-bit LLM.int8 or 4-bit NF4 (CPU and GPU)"
+    )
+    double_quant: bool = Field(True, description="nf4: quantize the quantization constants too")
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters on this base, served by this deployment: expert name -> "
+        "peft adapter folder (or builtin:NAME); each name is a `model` clients can send",
+    )
+    vllm: dict[str, Any] = Field(
+        default_factory=dict,
+        description="engine vllm: AsyncEngineArgs passed through (tensor_parallel_size, "
+        "gpu_memory_utilization, max_model_len, quantization, enable_lora, attention_backend: CUSTOM "
+        "for frugalserve's kernels, ...); keys: frugalserve.experts.vllm_engine.VLLMOptions",
+    )
     max_context: int | None = Field(
         None, ge=8, description="prompt + completion tokens; default: the model's own limit"
     )
@@ -138,6 +153,27 @@ class ExpertSpec(BaseModel):
     def _model_exists(cls, value: str | None) -> str | None:
         if value is not None and value.startswith(BUILTIN_PREFIX):
             resolve_model_path(value)
+        return value
+
+    @field_validator("vllm")
+    @classmethod
+    def _vllm_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from frugalserve.experts.vllm_engine import validate_vllm_options
+
+        validate_vllm_options(value)
+        return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, value: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name, path in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+                raise ValueError(f"adapter name {name!r} must be letters, digits, '.', '_', '-'")
+            folder = resolve_model_path(path)
+            if not (folder / "adapter_config.json").is_file():
+                raise ValueError(f"adapter {name!r}: no peft adapter at {str(folder)!r}")
         return value
 
     @model_validator(mode="after")

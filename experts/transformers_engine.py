@@ -84,6 +84,8 @@ class TransformersEngine(Engine):
         self.cancelled: set[str] = set()  # request ids whose callers went away
         self.cancelled_total = 0
         self.attention_backend = "transformers"
+        self.quantization = "none"
+        self.adapters: list[str] = []
         self._lock = asyncio.Lock()
         # transformers 5.2x calls the KV cache `cache`; earlier releases `past_key_values`.
         params = inspect.signature(model.forward).parameters
@@ -100,6 +102,9 @@ class TransformersEngine(Engine):
         name: str = "",
         use_kernels: bool = True,
         default_max_tokens: int = 64,
+        quantization: str = "none",
+        double_quant: bool = True,
+        adapters: dict[str, str | Path] | None = None,
     ) -> TransformersEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,12 +115,28 @@ class TransformersEngine(Engine):
         torch_dtype = pick_dtype(dtype, dev)
         tokenizer = AutoTokenizer.from_pretrained(path)
         tokenizer.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev)
+        if quantization == "none":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev)
+        else:
+            from frugalserve.experts.quant import check_cpu_4bit, quantization_config
+
+            if quantization == "nf4" and dev.type == "cpu":
+                check_cpu_4bit(path)
+            config = quantization_config(quantization, double_quant, torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, quantization_config=config, dtype=torch_dtype,
+                device_map={"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"})
+        if adapters:
+            from frugalserve.experts.adapters import attach_adapters
+
+            model = attach_adapters(model, path, adapters)
         engine = cls(
             model, tokenizer, max_context=max_context, name=name or path.name,
             default_max_tokens=default_max_tokens,
         )
-        if use_kernels and dev.type == "cuda":
+        engine.quantization = quantization
+        engine.adapters = sorted(adapters or {})
+        if use_kernels and dev.type == "cuda" and not adapters:
             engine.attention_backend = _enable_kernels(model)
         logger.info(
             "loaded %s from %s on %s in %s (attention: %s)",
@@ -125,10 +146,14 @@ class TransformersEngine(Engine):
 
     @classmethod
     def from_spec(cls, spec) -> TransformersEngine:
+        from frugalserve.experts.spec import resolve_model_path
+
         return cls.from_path(
             spec.model_path, device=spec.device, dtype=spec.dtype,
             max_context=spec.max_context, name=spec.name,
             default_max_tokens=spec.max_tokens_default,
+            quantization=spec.quantization, double_quant=spec.double_quant,
+            adapters={n: resolve_model_path(p) for n, p in spec.adapters.items()},
         )
 
     # -- interface -------------------------------------------------------------------------
@@ -214,6 +239,9 @@ class TransformersEngine(Engine):
     # -- decoding --------------------------------------------------------------------------
 
     def _new_row(self, request: GenerationRequest) -> _Row:
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise ValueError(f"model {self.name!r} has no adapter {request.adapter!r}; it has "
+                             f"{self.adapters}")
         prompt_ids = self.encode(request)
         max_tokens = self.check_fits(request, len(prompt_ids))
         gen = None
@@ -235,7 +263,7 @@ class TransformersEngine(Engine):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=1, **self._adapter_kwargs(rows),
         )
         self._append(rows, out.logits[:, -1, :])
         return _cache_of(out), mask, positions[:, -1]
@@ -250,10 +278,16 @@ class TransformersEngine(Engine):
         positions = (last_pos + 1)[:, None]
         out = self.model(
             input_ids=next_ids, attention_mask=mask, position_ids=positions,
-            use_cache=True, **{self._cache_kwarg: cache},
+            use_cache=True, **{self._cache_kwarg: cache}, **self._adapter_kwargs(rows),
         )
         self._append(rows, out.logits[:, -1, :])
         return _cache_of(out), mask, positions[:, -1]
+
+    def _adapter_kwargs(self, rows: list[_Row]) -> dict:
+        """peft's mixed-batch inference: one adapter name per row, `__base__` for the base."""
+        if not self.adapters:
+            return {}
+        return {"adapter_names": [r.request.adapter or "__base__" for r in rows]}
 
     def _append(self, rows: list[_Row], logits: torch.Tensor) -> None:
         logits = logits.float()
@@ -311,8 +345,9 @@ class TransformersEngine(Engine):
         return StreamDelta(text=piece, finish_reason=row.finished, completion=completion)
 
     def memory_stats(self) -> dict[str, float]:
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return {"weight_bytes": float(weights)}
+        from frugalserve.experts.quant import weight_bytes
+
+        return {"weight_bytes": float(weight_bytes(self.model))}
 
 
 def _cache_of(out):

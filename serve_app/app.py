@@ -71,6 +71,12 @@ def expert_deployment_options(spec, use_gpus: bool) -> dict[str, Any]:
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
     }
+    if spec.engine == "vllm":  # vLLM takes whole GPUs, one per tensor-parallel rank
+        from frugalserve.experts.vllm_engine import deployment_resources
+
+        res = deployment_resources(spec)
+        actor.update(res.pop("ray_actor_options"))
+        options.update(res)
     if spec.autoscaling.enabled:
         options["autoscaling_config"] = autoscaling_config(spec)
     else:

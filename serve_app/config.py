@@ -81,7 +81,7 @@ class AppConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> AppConfig:
-        names = [e.name for e in self.experts]
+        names = [e.name for e in self.experts] + [a for e in self.experts for a in e.adapters]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"expert names must be unique; repeated: {dupes}")
@@ -111,6 +111,14 @@ class AppConfig(BaseModel):
         if missing:
             raise ValueError(f"routing.artifact {self.routing.artifact!r} routes to experts "
                              f"{missing} that this config does not define")
+
+    def model_ids(self) -> list[str]:
+        """Every expert a client can name: experts and the LoRA adapters they serve."""
+        return [e.name for e in self.experts] + [a for e in self.experts for a in e.adapters]
+
+    def adapter_bases(self) -> dict[str, str]:
+        """adapter name -> the expert (deployment) that serves it."""
+        return {a: e.name for e in self.experts for a in e.adapters}
 
     def expert(self, name: str) -> ExpertSpec:
         for spec in self.experts:

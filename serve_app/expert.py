@@ -70,6 +70,9 @@ class ExpertServer:
             "attention_backend": getattr(self.engine, "attention_backend", "unknown"),
             "description": self.spec.description,
             "memory": self.memory.as_dict() if self.memory is not None else None,
+            "quantization": getattr(self.engine, "quantization", "none"),
+            "adapters": list(getattr(self.engine, "adapters", [])),
+            "weight_bytes": self.engine.memory_stats().get("weight_bytes"),
         }
 
     def stats(self) -> dict:
@@ -91,7 +94,7 @@ class ExpertServer:
         self._admit(request)  # fail this request alone, before it joins a batch
         self._enter()
         try:
-            async for delta in self._batched(request):
+            async for delta in self._source(request):
                 if delta.completion is not None:
                     return delta.completion  # leave now, not after the batch's next step
         except (asyncio.CancelledError, GeneratorExit):
@@ -106,7 +109,7 @@ class ExpertServer:
         self._admit(request)
         self._enter()
         try:
-            async for delta in self._batched(request):
+            async for delta in self._source(request):
                 yield delta
                 if delta.completion is not None:
                     return
@@ -117,6 +120,14 @@ class ExpertServer:
         finally:
             self._leave()
             self._unqueue(request)
+
+    def _source(self, request: GenerationRequest):
+        """Where a request's deltas come from: our batcher, or, for an engine that batches
+        itself (vLLM's continuous batching), the engine directly, so Serve's one-batch-at-a-time
+        batcher does not hold new requests back."""
+        if getattr(self.engine, "batches_itself", False):
+            return self.engine.stream(request)
+        return self._batched(request)
 
     def _profile_memory(self):
         """Measure memory per token once, before serving (the autoscaler reads it)."""

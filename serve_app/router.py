@@ -6,6 +6,7 @@ loads a model. The `model` field names an expert, `default`, or a routing policy
 """
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -151,7 +152,8 @@ class Router:
         self.experts = dict(experts)  # {name: DeploymentHandle} for local experts
         self.remote = {s.name: RemoteExpert(s, self.timeout_s)
                        for s in self.config.experts if s.kind == "openai"}
-        self.names = [s.name for s in self.config.experts]
+        self.names = self.config.model_ids()
+        self.adapter_base = self.config.adapter_bases()  # adapter -> deployment that serves it
         self._info: dict[str, dict] = {n: r.info() for n, r in self.remote.items()}
         self.policies = None
         if self.config.routing.artifact is not None:
@@ -163,8 +165,19 @@ class Router:
 
     async def _expert_info(self, name: str) -> dict:
         if name not in self._info:
-            self._info[name] = await self.experts[name].info.remote()
+            if name in self.adapter_base:
+                base = await self._expert_info(self.adapter_base[name])
+                self._info[name] = {**base, "name": name, "adapter_of": base["name"]}
+            else:
+                self._info[name] = await self.experts[name].info.remote()
         return self._info[name]
+
+    def _target(self, expert: str, request: GenerationRequest):
+        """The deployment handle that serves `expert`, and the request as it should see it."""
+        base = self.adapter_base.get(expert)
+        if base is None:
+            return self.experts[expert], request
+        return self.experts[base], dataclasses.replace(request, adapter=expert)
 
     async def _cost(self, expert: str, prompt_tokens: int, completion_tokens: int) -> float:
         info = await self._expert_info(expert)
@@ -213,7 +226,8 @@ class Router:
             if expert in self.remote:
                 call = self.remote[expert].generate(request)
             else:
-                call = self.experts[expert].generate.remote(request)
+                handle, request = self._target(expert, request)
+                call = handle.generate.remote(request)
             return await asyncio.wait_for(call, self.timeout_s)
         except asyncio.CancelledError:
             raise
@@ -259,6 +273,7 @@ class Router:
                     "cost_per_1k_prompt": info["cost_per_1k_prompt"],
                     "cost_per_1k_completion": info["cost_per_1k_completion"],
                     "engine": info["engine"], "attention_backend": info["attention_backend"],
+                    **({"adapter_of": info["adapter_of"]} if "adapter_of" in info else {}),
                 },
             })
         if self.policies is not None:
@@ -373,7 +388,8 @@ class Router:
             record_outcome(rec.as_dict(), expert)
             return StreamingResponse(self._sse_held(c, rec, request, body, chat, timing),
                                      media_type="text/event-stream")
-        gen = self.experts[expert].options(stream=True).generate_stream.remote(request)
+        handle, routed = self._target(expert, request)
+        gen = handle.options(stream=True).generate_stream.remote(routed)
         try:  # the first delta comes before any byte is sent, so errors are still a 4xx
             first = await asyncio.wait_for(gen.__anext__(), self.timeout_s)
         except StopAsyncIteration:

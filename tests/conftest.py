@@ -105,8 +105,31 @@ def demo_router(tmp_path_factory):
     return build_demo_router(tmp_path_factory.mktemp("router"))
 
 
+def make_random_adapter(base: Path, out: Path, seed: int = 0) -> Path:
+    """A real peft LoRA folder for `base` with random (not zero) B matrices, so the adapter
+    changes the model's answers without training."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
-def app_url(serve_http, demo_router):
+def demo_adapter(tmp_path_factory):
+    from frugalserve.experts.spec import resolve_model_path
+
+    return make_random_adapter(resolve_model_path("builtin:demo-llama"),
+                               tmp_path_factory.mktemp("adapter") / "demo-llama-lora")
+
+
+@pytest.fixture(scope="session")
+def app_url(serve_http, demo_router, demo_adapter):
     """The test application deployed once under `/`: both demo experts, the moe and cascade
     policies, and two remote experts: one served by a second frugalserve application under
     `/remote` (a real OpenAI-compatible endpoint), one pointing at a closed port."""
@@ -122,6 +145,7 @@ def app_url(serve_http, demo_router):
     serve.run(build_app(remote_args), name="remote", route_prefix="/remote")
     args = copy.deepcopy(TEST_APP_ARGS)
     args["routing"] = {"artifact": str(demo_router)}
+    args["experts"][0]["adapters"] = {"demo-llama-lora": str(demo_adapter)}
     args["experts"] += [
         {"name": "hosted-falcon", "kind": "openai", "base_url": f"{serve_http}/remote/v1",
          "remote_model": "demo-falcon", "api_key_env": "FRUGALSERVE_TEST_KEY",

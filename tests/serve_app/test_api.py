@@ -48,7 +48,8 @@ def prompt_len(tokenizer, messages) -> int:
 def test_models_lists_every_expert(client):
     models = {m.id: m.model_extra["frugalserve"]["kind"] for m in client.models.list().data}
     assert models == {"demo-llama": "expert", "demo-falcon": "expert", "hosted-falcon": "expert",
-                      "dead": "expert", "moe": "policy", "cascade": "policy"}
+                      "dead": "expert", "demo-llama-lora": "expert", "moe": "policy",
+                      "cascade": "policy"}
 
 
 def test_chat_completion_matches_the_engine_and_counts_usage(client, tokenizer, local_engine):
@@ -160,3 +161,17 @@ def test_default_model_alias(http):
 def test_health(http):
     r = http.get("/healthz")
     assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_lora_adapter_is_an_expert_served_by_its_base(http, client):
+    lora = next(m for m in client.models.list().data if m.id == "demo-llama-lora")
+    assert lora.model_extra["frugalserve"]["adapter_of"] == "demo-llama"
+    prompts = [f"adapter question {i}" for i in range(6)]
+    differs = 0
+    for p in prompts:
+        body = {"max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": p}]}
+        a = http.post("/v1/chat/completions", json={"model": "demo-llama-lora", **body}).json()
+        b = http.post("/v1/chat/completions", json={"model": "demo-llama", **body}).json()
+        assert a["frugalserve"]["answered_by"] == "demo-llama-lora"
+        differs += a["choices"][0]["message"]["content"] != b["choices"][0]["message"]["content"]
+    assert differs >= 5

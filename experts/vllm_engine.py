@@ -1,0 +1,467 @@
+"""The vLLM engine: an expert served by vLLM's AsyncLLM (vLLM 0.33.x, the `vllm` extra).
+
+vLLM batches by itself (continuous batching), so `stream_batch` hands every request to vLLM at
+once and merges their outputs as they arrive: each yielded step holds whatever tokens arrived
+since the last one. Prompts are tokenized here with the model's Hugging Face tokenizer (the same
+rules as the transformers engine), so `count_prompt_tokens` and `check_fits` agree with what vLLM
+runs. Every token carries its logprob (`logprobs=0` asks vLLM for the sampled token's, which with
+vLLM's default `raw_logprobs` mode is temperature-free, as in the transformers engine).
+
+Only `VLLMEngine.from_spec` and the stat logger import vllm; the rest (options, engine arguments,
+sampling arguments, output merging, memory facts, deployment resources) are pure functions that
+run without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from frugalserve.experts.engine import (
+    Completion,
+    Engine,
+    GenerationRequest,
+    SamplingParams,
+    StreamDelta,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+logger = logging.getLogger(__name__)
+
+VLLM_PIN = "0.33"
+
+
+class VLLMOptions(BaseModel):
+    """`ExpertSpec.vllm`: engine arguments passed through to vLLM's `AsyncEngineArgs`.
+    Unset options keep vLLM's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel_size: int | None = Field(None, ge=1, description="GPUs one replica shards the model over")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="share of each GPU's memory vLLM may take (weights + KV cache)")
+    max_model_len: int | None = Field(None, ge=8, description="context length; default: spec.max_context, "
+                                      "else the model's")
+    quantization: str | None = Field(None, description="vLLM quantization method: awq, gptq, fp8, "
+                                     "bitsandbytes, ...")
+    enable_lora: bool | None = Field(None, description="serve LoRA adapters")
+    max_loras: int | None = Field(None, ge=1, description="LoRA adapters in one batch")
+    max_lora_rank: int | None = Field(None, ge=1, description="largest LoRA rank served")
+    attention_backend: str | None = Field(
+        None, description="vLLM attention backend name; CUSTOM: frugalserve's kernels (the plugin)")
+    kv_cache_dtype: str | None = Field(None, description="auto, bfloat16, fp8, ...")
+    block_size: int | None = Field(None, ge=1, description="KV-cache block size in tokens")
+    max_num_seqs: int | None = Field(None, ge=1, description="requests vLLM runs at once")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens per scheduler step")
+    enable_prefix_caching: bool | None = None
+    enforce_eager: bool | None = Field(None, description="no CUDA graphs")
+    seed: int | None = Field(None, description="engine seed (per-request seeds come from requests)")
+    trust_remote_code: bool | None = None
+
+
+def validate_vllm_options(options: dict | None, expert: str = "") -> VLLMOptions:
+    """Check `ExpertSpec.vllm`; errors name the expert and the bad key. Usable from a spec validator
+    (needs neither vllm nor torch)."""
+    where = f"expert {expert!r}: " if expert else ""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(VLLMOptions.model_fields))
+    if unknown:
+        raise ValueError(f"{where}unknown vllm option(s) {unknown}; known: {sorted(VLLMOptions.model_fields)}")
+    try:
+        return VLLMOptions.model_validate(options)
+    except ValidationError as exc:
+        bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"{where}bad vllm option(s): {bad}") from None
+
+
+def engine_args_from_spec(spec) -> dict[str, Any]:
+    """Keyword arguments for vLLM's `AsyncEngineArgs` from an `ExpertSpec` (engine vllm)."""
+    opts = validate_vllm_options(getattr(spec, "vllm", None), spec.name)
+    if spec.device == "cpu":
+        raise ValueError(f"expert {spec.name!r}: engine 'vllm' runs on CUDA GPUs; device is 'cpu'")
+    if opts.max_model_len and spec.max_context and opts.max_model_len != spec.max_context:
+        raise ValueError(f"expert {spec.name!r}: vllm.max_model_len ({opts.max_model_len}) and "
+                         f"max_context ({spec.max_context}) disagree; set one")
+    args: dict[str, Any] = {
+        "model": str(spec.model_path),
+        "served_model_name": spec.name,
+        "dtype": spec.dtype,
+        "disable_log_stats": False,  # the KV-cache usage reaches memory_stats through a stat logger
+        "enable_log_requests": False,
+    }
+    if spec.max_context:
+        args["max_model_len"] = spec.max_context
+    if (opts.tensor_parallel_size or 1) > 1:
+        args["distributed_executor_backend"] = "ray"  # workers go into the replica's placement group
+    if getattr(spec, "quantization", "none") != "none":
+        raise ValueError(f"expert {spec.name!r}: quantization {spec.quantization!r} is the transformers "
+                         "engine's bitsandbytes loader; for engine 'vllm' set vllm.quantization "
+                         "(e.g. 'bitsandbytes', 'awq', 'fp8')")
+    adapters = lora_adapters(spec)
+    if adapters:
+        args["enable_lora"] = True
+        args["max_loras"] = len(adapters)
+    args.update(opts.model_dump(exclude_none=True))
+    if adapters and not args["enable_lora"]:
+        raise ValueError(f"expert {spec.name!r}: adapters need LoRA; vllm.enable_lora is false")
+    return args
+
+
+def lora_adapters(spec) -> dict[str, tuple[int, str]]:
+    """The spec's LoRA adapters as vLLM wants them: name -> (positive int id, folder)."""
+    from frugalserve.experts.spec import resolve_model_path
+
+    names = sorted(getattr(spec, "adapters", None) or {})
+    return {n: (k + 1, str(resolve_model_path(spec.adapters[n]))) for k, n in enumerate(names)}
+
+
+def deployment_resources(spec) -> dict[str, Any]:
+    """Serve deployment options that reserve the GPUs vLLM will use: one GPU per TP rank. TP 1:
+    the replica holds the GPU. TP > 1: a STRICT_PACK placement group, the replica on a CPU bundle
+    and one single-GPU bundle per rank, which vLLM's Ray executor finds and uses."""
+    opts = validate_vllm_options(getattr(spec, "vllm", None), spec.name)
+    tp = opts.tensor_parallel_size or 1
+    cpus = spec.resources.num_cpus
+    if tp == 1:
+        return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 1}}
+    return {
+        "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0},
+        "placement_group_bundles": [{"CPU": cpus}] + [{"GPU": 1} for _ in range(tp)],
+        "placement_group_strategy": "STRICT_PACK",
+    }
+
+
+def sampling_kwargs(params: SamplingParams, max_tokens: int) -> dict[str, Any]:
+    """Keyword arguments for `vllm.SamplingParams` (output_kind DELTA is added by the engine)."""
+    return {
+        "n": 1,
+        "temperature": params.temperature,  # 0: greedy in vLLM too
+        "top_p": params.top_p,
+        "stop": list(params.stop) or None,
+        "seed": params.seed,
+        "max_tokens": max_tokens,
+        "logprobs": 0,  # the sampled token's logprob only
+        "skip_special_tokens": True,
+    }
+
+
+# -- merging vLLM's per-request outputs into the Engine's step lists ----------------------------
+
+
+@dataclass
+class RequestState:
+    """What one request has produced so far (vLLM outputs arrive as deltas)."""
+
+    prompt_tokens: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)
+    done: bool = False  # final delta (or cancellation) already reported
+
+
+CANCELLED = object()  # posted for a request whose vLLM stream was cancelled
+
+
+def _finish_reason(vllm_reason: str | None) -> str:
+    if vllm_reason == "length":
+        return "length"
+    if vllm_reason == "error":
+        raise RuntimeError("vLLM failed the request (finish_reason 'error')")
+    return "stop"  # stop string, stop token, eos, repetition
+
+
+def merge_outputs(states: list[RequestState], updates: Iterable[tuple[int, Any]]) -> list[StreamDelta | None]:
+    """One Engine step from the vLLM outputs that arrived since the last: `updates` are
+    (request index, RequestOutput in DELTA mode, or CANCELLED). Returns one slot per request:
+    a delta while it runs (empty if nothing arrived), the final delta with the `Completion` once,
+    None after (and for a cancelled or aborted request)."""
+    fresh: dict[int, tuple[str, list[int], list[float]]] = {}
+    finished: dict[int, str | None] = {}
+    for i, out in updates:
+        if out is CANCELLED:
+            finished[i] = "abort"
+            continue
+        co = out.outputs[0]
+        ids = list(co.token_ids)
+        if ids and co.logprobs is None:
+            raise ValueError("vLLM returned no logprobs; the engine asks for logprobs=0")
+        lps, texts = [], []
+        for tok, position in zip(ids, co.logprobs or ()):
+            entry = position[tok]
+            lps.append(float(entry.logprob))
+            texts.append(entry.decoded_token or "")
+        st = states[i]
+        st.text += co.text
+        st.token_ids += ids
+        st.logprobs += lps
+        st.token_texts += texts
+        text, old_ids, old_lps = fresh.get(i, ("", [], []))
+        fresh[i] = (text + co.text, old_ids + ids, old_lps + lps)
+        if out.finished:
+            finished[i] = co.finish_reason
+    step: list[StreamDelta | None] = []
+    for i, st in enumerate(states):
+        if st.done:
+            step.append(None)
+            continue
+        text, ids, lps = fresh.get(i, ("", [], []))
+        if i not in finished:
+            step.append(StreamDelta(text=text, token_ids=tuple(ids), token_logprobs=tuple(lps)))
+            continue
+        st.done = True
+        if finished[i] == "abort":
+            step.append(None)
+            continue
+        reason = _finish_reason(finished[i])
+        completion = Completion(
+            text=st.text, token_ids=tuple(st.token_ids), token_logprobs=tuple(st.logprobs),
+            prompt_tokens=st.prompt_tokens, completion_tokens=len(st.token_ids),
+            finish_reason=reason, token_texts=tuple(st.token_texts),
+        )
+        step.append(StreamDelta(text=text, token_ids=tuple(ids), token_logprobs=tuple(lps),
+                                finish_reason=reason, completion=completion))
+    return step
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+def kv_memory_stats(*, num_blocks: int, block_size: int, bytes_per_token: int,
+                    usage: float | None = None, running: int | None = None,
+                    waiting: int | None = None) -> dict[str, float]:
+    """Memory facts of a vLLM replica (per GPU rank): its KV cache and, when known, how full it is."""
+    tokens = num_blocks * block_size
+    stats = {
+        "kv_cache_blocks": float(num_blocks),
+        "kv_block_size_tokens": float(block_size),
+        "kv_cache_tokens": float(tokens),
+        "kv_bytes_per_token": float(bytes_per_token),
+        "kv_cache_bytes": float(tokens * bytes_per_token),
+    }
+    if usage is not None:
+        stats["kv_cache_usage"] = float(usage)  # share of KV blocks in use, 0..1
+        stats["kv_cache_tokens_used"] = float(usage * tokens)
+    if running is not None:
+        stats["num_running_requests"] = float(running)
+    if waiting is not None:
+        stats["num_waiting_requests"] = float(waiting)
+    return stats
+
+
+@dataclass
+class _SchedulerSnapshot:
+    usage: float | None = None
+    running: int | None = None
+    waiting: int | None = None
+
+
+def _stat_logger_factory(snapshot: _SchedulerSnapshot):
+    """A vLLM stat logger (per-engine factory) that keeps the latest scheduler stats."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _Snapshot(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+            if scheduler_stats is not None:
+                snapshot.usage = scheduler_stats.kv_cache_usage
+                snapshot.running = scheduler_stats.num_running_reqs
+                snapshot.waiting = scheduler_stats.num_waiting_reqs
+
+        def log_engine_initialized(self):
+            pass
+
+    return _Snapshot
+
+
+# -- prompt budget -----------------------------------------------------------------------------
+
+
+def completion_budget(max_context: int, default_max_tokens: int, prompt_tokens: int,
+                      asked: int | None) -> int:
+    """Tokens the completion may take; raises PromptTooLongError as the transformers engine does."""
+    from frugalserve.experts.transformers_engine import PromptTooLongError
+
+    room = max_context - prompt_tokens
+    if asked is None:
+        if room < 1:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {max_context} tokens, but the prompt "
+                f"alone takes {prompt_tokens}; shorten the prompt")
+        return min(default_max_tokens, room)
+    if asked > room:
+        raise PromptTooLongError(
+            f"this model's maximum context length is {max_context} tokens, but the request needs "
+            f"{prompt_tokens + asked} ({prompt_tokens} in the prompt + {asked} in max_tokens); "
+            "shorten the prompt or lower max_tokens")
+    return asked
+
+
+def encode_request(tokenizer, request: GenerationRequest, name: str = "model") -> list[int]:
+    """Prompt token ids: the chat template for messages, BOS + text for a raw prompt."""
+    if request.messages is not None:
+        if tokenizer.chat_template is None:
+            raise ValueError(f"model {name!r} has no chat template; use /v1/completions")
+        text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"]
+    return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
+
+
+# -- the engine --------------------------------------------------------------------------------
+
+
+class VLLMEngine(Engine):
+    # vLLM schedules continuously: a deployment should hand it requests as they come (one
+    # `stream` each) rather than wait for the previous `stream_batch` to end.
+    batches_itself = True
+
+    def __init__(self, llm, tokenizer, *, max_context: int, name: str = "", default_max_tokens: int = 64,
+                 attention_backend: str = "vllm", snapshot: _SchedulerSnapshot | None = None):
+        self.llm = llm  # vllm.v1.engine.async_llm.AsyncLLM
+        self.tokenizer = tokenizer
+        self.name = name or "model"
+        self._max_context = max_context
+        self.default_max_tokens = default_max_tokens
+        self.attention_backend = attention_backend
+        self.batch_sizes: list[int] = []
+        self.cancelled_total = 0
+        self._snapshot = snapshot or _SchedulerSnapshot()
+        self._tasks: dict[str, list[asyncio.Task]] = {}  # request_id -> its vLLM streams
+        self.adapters: dict[str, tuple[int, str]] = {}  # LoRA name -> (vLLM id, folder)
+
+    @classmethod
+    def from_spec(cls, spec) -> VLLMEngine:
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = engine_args_from_spec(spec)
+        backend = kwargs.get("attention_backend") or "vllm-auto"
+        if backend == "CUSTOM":  # the entry point does this in vLLM's processes; here too, early
+            from frugalserve.kernels.vllm_backend import register
+
+            register()
+            backend = "frugalserve-triton (vLLM CUSTOM)"
+        snapshot = _SchedulerSnapshot()
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs),
+                                        stat_loggers=[_stat_logger_factory(snapshot)])
+        tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
+        engine = cls(llm, tokenizer, max_context=llm.model_config.max_model_len, name=spec.name,
+                     default_max_tokens=spec.max_tokens_default, attention_backend=backend,
+                     snapshot=snapshot)
+        engine.adapters = lora_adapters(spec)
+        logger.info("vLLM engine for %s: %s (attention: %s)", spec.name, kwargs, backend)
+        return engine
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return len(encode_request(self.tokenizer, request, self.name))
+
+    def check_fits(self, request: GenerationRequest, prompt_tokens: int | None = None) -> int:
+        n = self.count_prompt_tokens(request) if prompt_tokens is None else prompt_tokens
+        return completion_budget(self._max_context, self.default_max_tokens, n, request.params.max_tokens)
+
+    def cancel(self, request_id: str) -> None:
+        """The caller went away: cancel its vLLM stream (vLLM aborts the request on cancellation)."""
+        if request_id:
+            for task in self._tasks.get(request_id, ()):
+                task.cancel()
+
+    async def stream_batch(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[list[StreamDelta | None]]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        prompts = [encode_request(self.tokenizer, r, self.name) for r in requests]
+        budgets = [self.check_fits(r, len(p)) for r, p in zip(requests, prompts)]
+        loras = [self._lora_request(getattr(r, "adapter", None)) for r in requests]
+        self.batch_sizes.append(len(requests))
+        states = [RequestState(prompt_tokens=len(p)) for p in prompts]
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = []
+        for i, (r, p, budget, lora) in enumerate(zip(requests, prompts, budgets, loras)):
+            params = VSamplingParams(**sampling_kwargs(r.params, budget), output_kind=RequestOutputKind.DELTA)
+            vllm_id = f"{r.request_id or 'req'}-{uuid.uuid4().hex[:12]}"  # unique across batches
+            task = asyncio.create_task(
+                self._pump(i, TokensPrompt(prompt_token_ids=p), params, vllm_id, queue, lora))
+            # A callback, not an except clause: a task cancelled before it starts runs no code.
+            task.add_done_callback(lambda t, i=i: t.cancelled() and queue.put_nowait((i, CANCELLED)))
+            tasks.append(task)
+            if r.request_id:
+                self._tasks.setdefault(r.request_id, []).append(task)
+        try:
+            live = len(requests)
+            while live:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                updates = []
+                for i, item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is None:  # the stream ended
+                        live -= 1
+                        continue
+                    if item is CANCELLED:
+                        self.cancelled_total += 1
+                        live -= 1
+                    updates.append((i, item))
+                if updates:
+                    yield merge_outputs(states, updates)
+        finally:
+            for r, task in zip(requests, tasks):
+                task.cancel()  # no-op for finished streams; aborts the rest in vLLM
+                if not r.request_id:
+                    continue
+                left = [t for t in self._tasks.get(r.request_id, []) if t is not task]
+                if left:
+                    self._tasks[r.request_id] = left
+                else:
+                    self._tasks.pop(r.request_id, None)
+
+    def _lora_request(self, adapter: str | None):
+        if adapter is None:
+            return None
+        if adapter not in self.adapters:
+            raise ValueError(f"model {self.name!r} has no adapter {adapter!r}; it has {sorted(self.adapters)}")
+        from vllm.lora.request import LoRARequest
+
+        lora_id, path = self.adapters[adapter]
+        return LoRARequest(lora_name=adapter, lora_int_id=lora_id, lora_path=path)
+
+    async def _pump(self, i: int, prompt, params, vllm_id: str, queue: asyncio.Queue, lora=None) -> None:
+        """Forward one vLLM request's outputs to the batch's queue: (i, output)..., then (i, None)."""
+        try:
+            async for out in self.llm.generate(prompt, params, vllm_id, lora_request=lora):
+                queue.put_nowait((i, out))
+        except asyncio.CancelledError:
+            raise  # vLLM aborts the request; the task's done callback posts CANCELLED
+        except Exception as exc:  # surfaced by stream_batch
+            queue.put_nowait((i, exc))
+            return
+        queue.put_nowait((i, None))
+
+    def memory_stats(self) -> dict[str, float]:
+        from vllm.utils.torch_utils import get_kv_cache_torch_dtype
+
+        cfg = self.llm.vllm_config
+        model, parallel, cache = cfg.model_config, cfg.parallel_config, cfg.cache_config
+        dtype = get_kv_cache_torch_dtype(cache.cache_dtype, model.dtype)
+        elem = dtype.itemsize
+        per_token = (2 * model.get_num_layers(parallel) * model.get_num_kv_heads(parallel)
+                     * model.get_head_size() * elem)
+        s = self._snapshot
+        return kv_memory_stats(num_blocks=cache.num_gpu_blocks or 0, block_size=cache.block_size,
+                               bytes_per_token=per_token, usage=s.usage, running=s.running,
+                               waiting=s.waiting)

@@ -1,0 +1,357 @@
+"""frugalserve's attention kernels as a vLLM attention backend. Targets vLLM 0.33.x (pinned).
+
+`register()` is the `vllm.general_plugins` entry point: it runs in every vLLM process (engine core,
+workers) and maps `AttentionBackendEnum.CUSTOM` to `FrugalAttentionBackend`; the model then selects
+it with `attention_backend="CUSTOM"`. The impl runs our kernels through `dispatch` (Triton on CUDA,
+the reference elsewhere): requests with a one-token query go to the paged-decode kernel, the others
+(prefill, chunked prefill, prefix-cache hits) to the varlen prefill kernel over their whole context
+gathered from the paged cache. ALiBi slopes and GQA/MQA are supported; anything else the kernels
+lack (sliding window, soft-capping, sinks, fp8/quantized KV cache, fp32, other head sizes, encoder
+or cross attention) is refused with the reason, at validation where vLLM asks and in the impl.
+
+Only the ABCs come from vLLM. Subclassing vLLM's own Triton backend/impl would inherit capability
+flags our kernels do not have (sinks, sliding window, non-causal, fp8 KV, fused fp8 output quant),
+so every one would need an override; the plain ABCs default them all to "unsupported".
+
+Importing this module needs no vLLM: the classes are defined on first attribute access.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+
+VLLM_PIN = "0.33"  # the vLLM minor these classes are written against
+CLASS_PATH = f"{__name__}.FrugalAttentionBackend"
+_CLASSES = ("FrugalAttentionBackend", "FrugalAttentionImpl", "FrugalAttentionMetadata",
+            "FrugalAttentionMetadataBuilder")
+_SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+
+
+class VLLMUnavailableError(ImportError):
+    """vLLM is not installed, or not the version this backend targets."""
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as exc:
+        raise VLLMUnavailableError(
+            "the frugalserve vLLM attention backend needs vLLM "
+            f"{VLLM_PIN}.x: install it with `pip install 'frugalserve[vllm]'` ({exc})"
+        ) from exc
+    version = getattr(vllm, "__version__", "unknown")
+    if not version.startswith(VLLM_PIN + "."):
+        raise VLLMUnavailableError(
+            f"the frugalserve vLLM attention backend targets vLLM {VLLM_PIN}.x, found {version}; "
+            "the attention-backend interfaces change between minors"
+        )
+    return vllm
+
+
+def register() -> str:
+    """The `vllm.general_plugins` entry point. Re-entrant (vLLM calls it in every process).
+    Returns the registered class path; raises `VLLMUnavailableError` naming the extra without vLLM."""
+    _import_vllm()
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    current = AttentionBackendEnum.CUSTOM.get_path() if AttentionBackendEnum.CUSTOM.is_overridden() else None
+    if current not in (None, CLASS_PATH):
+        raise RuntimeError(
+            f"vLLM's one CUSTOM attention slot is already taken by {current!r}; frugalserve's "
+            "backend cannot register (disable the other plugin with VLLM_PLUGINS=...)"
+        )
+    # `class_path` by keyword: the positional order changed across vLLM releases.
+    register_backend(AttentionBackendEnum.CUSTOM, class_path=CLASS_PATH)
+    return CLASS_PATH
+
+
+def unsupported_reasons(
+    *, head_size: int, num_heads: int, num_kv_heads: int, alibi_slopes=None, sliding_window=None,
+    kv_cache_dtype: str = "auto", logits_soft_cap=None, attn_type: str = "decoder", sinks=None,
+    dtype: torch.dtype | None = None,
+) -> list[str]:
+    """Why our kernels cannot run this attention layer; empty when they can."""
+    reasons = []
+    if head_size not in SUPPORTED_HEAD_DIMS:
+        reasons.append(f"head size {head_size} (the kernels take {SUPPORTED_HEAD_DIMS})")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        reasons.append(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if alibi_slopes is not None and len(alibi_slopes) != num_heads:
+        reasons.append(f"{len(alibi_slopes)} ALiBi slopes for {num_heads} heads")
+    if sliding_window is not None:
+        reasons.append(f"sliding window {sliding_window}")
+    if kv_cache_dtype not in _SUPPORTED_KV_CACHE_DTYPES:
+        reasons.append(f"kv_cache_dtype {kv_cache_dtype!r} (only {_SUPPORTED_KV_CACHE_DTYPES})")
+    if logits_soft_cap:
+        reasons.append(f"logits soft-capping ({logits_soft_cap})")
+    if str(getattr(attn_type, "value", attn_type)) != "decoder":
+        reasons.append(f"attention type {attn_type} (decoder self-attention only)")
+    if sinks is not None:
+        reasons.append("attention sinks")
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {dtype} (the kernels take {SUPPORTED_DTYPES})")
+    return reasons
+
+
+@dataclass
+class BatchPlan:
+    """How one vLLM batch splits between our two kernels (host tensors, int64).
+
+    Decode: requests whose query is one token. Prefill: the others with a query, their tokens in
+    batch order and their whole context (cached + new) gathered from the paged cache."""
+
+    decode_reqs: torch.Tensor  # [Bd] request index
+    decode_tokens: torch.Tensor  # [Bd] token index of its query in the batch
+    prefill_tokens: torch.Tensor  # [Tq] token indices, request by request
+    prefill_kv_req: torch.Tensor  # [Tk] request of each context token to gather
+    prefill_kv_pos: torch.Tensor  # [Tk] position of that token in its request
+    prefill_cu_q: torch.Tensor  # [Bp + 1]
+    prefill_cu_k: torch.Tensor  # [Bp + 1]
+    prefill_max_q: int
+
+
+def plan_batch(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> BatchPlan:
+    """Split a batch from host `query_start_loc` [B + 1] and `seq_lens` [B] (context incl. the new
+    tokens). Requests with an empty query (padding) are left out."""
+    qsl = query_start_loc.long().cpu()
+    seq = seq_lens.long().cpu()
+    qlens = qsl[1:] - qsl[:-1]
+    decode = torch.nonzero(qlens == 1).flatten()
+    prefill = torch.nonzero(qlens > 1).flatten()
+    pq, pk = qlens[prefill], seq[prefill]
+    if bool((pk < pq).any()):
+        raise ValueError(f"a request's context ({pk.tolist()}) is shorter than its query ({pq.tolist()})")
+    zero = torch.zeros(1, dtype=torch.long)
+    cu_q, cu_k = torch.cat([zero, pq.cumsum(0)]), torch.cat([zero, pk.cumsum(0)])
+    return BatchPlan(
+        decode_reqs=decode,
+        decode_tokens=qsl[decode],
+        prefill_tokens=_ranges(qsl[prefill], pq),
+        prefill_kv_req=torch.repeat_interleave(prefill, pk),
+        prefill_kv_pos=_ranges(torch.zeros_like(pk), pk),
+        prefill_cu_q=cu_q,
+        prefill_cu_k=cu_k,
+        prefill_max_q=int(pq.max()) if pq.numel() else 0,
+    )
+
+
+def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Concatenation of arange(s, s + n) for each (s, n)."""
+    if lengths.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    total = int(lengths.sum())
+    offsets = torch.arange(total) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    return torch.repeat_interleave(starts, lengths) + offsets
+
+
+def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM 0.33's per-layer cache is logical [num_blocks, Hkv, block_size, 2 * head_size] (K then V
+    in the last dim; physical strides set by the resolved KV-cache layout). Returns K and V views
+    [num_blocks, block_size, Hkv, head_size], the layout our kernels read (any strides)."""
+    if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_size:
+        raise ValueError(f"kv_cache must be [num_blocks, Hkv, block_size, 2*{head_size}], "
+                         f"got {tuple(kv_cache.shape)}")
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
+    return key_cache, value_cache
+
+
+def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
+    """Scatter key/value [T, Hkv, D] into strided caches [num_blocks, block_size, Hkv, D] at flat
+    slots `block * block_size + offset`; slots < 0 (padding) are skipped."""
+    n = min(key.shape[0], slot_mapping.shape[0])
+    slots = slot_mapping[:n].long()
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, key, value = slots[keep], key[:n][keep], value[:n][keep]
+    else:
+        key, value = key[:n], value[:n]
+    block_size = key_cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    key_cache[blocks, offsets] = key
+    value_cache[blocks, offsets] = value
+
+
+def attend(query, key_cache, value_cache, block_table, seq_lens, plan, out, *, scale, alibi_slopes,
+           max_seq_len=None) -> None:
+    """Attention of query [T, Hq, D] over the paged cache (new K/V already written) into out
+    [T, Hq, D], as `plan` splits the batch: one-token queries through the paged-decode kernel, the
+    rest through the varlen prefill kernel on their gathered context."""
+    from . import dispatch
+
+    if plan.decode_tokens.numel():
+        reqs, toks = plan.decode_reqs, plan.decode_tokens
+        q = query[toks][:, None]  # [Bd, 1, Hq, D]
+        res = dispatch.decode(q, key_cache, value_cache, block_table[reqs], seq_lens[reqs],
+                              alibi_slopes=alibi_slopes, scale=scale, max_context_len=max_seq_len)
+        out[toks] = res[:, 0]
+    if plan.prefill_tokens.numel():
+        block_size = key_cache.shape[1]
+        pos = plan.prefill_kv_pos
+        blocks = block_table[plan.prefill_kv_req, pos // block_size].long()
+        k = key_cache[blocks, pos % block_size]  # [Tk, Hkv, D]
+        v = value_cache[blocks, pos % block_size]
+        res = dispatch.attention_varlen(query[plan.prefill_tokens], k, v, plan.prefill_cu_q,
+                                        plan.prefill_cu_k, plan.prefill_max_q, causal=True,
+                                        alibi_slopes=alibi_slopes, scale=scale)
+        out[plan.prefill_tokens] = res
+
+
+def __getattr__(name: str):
+    if name in _CLASSES:
+        globals().update(_define())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _define() -> dict:
+    """Build the vLLM classes (needs vLLM 0.33). Module-level names with plain qualnames, so vLLM
+    resolves and pickles them by `CLASS_PATH`."""
+    _import_vllm()
+    from vllm.v1.attention.backend import (
+        AttentionBackend,
+        AttentionCGSupport,
+        AttentionImpl,
+        AttentionMetadata,
+        AttentionMetadataBuilder,
+        AttentionType,
+        CommonAttentionMetadata,
+        MultipleOf,
+    )
+
+    @dataclass
+    class FrugalAttentionMetadata(AttentionMetadata):
+        num_actual_tokens: int
+        max_query_len: int
+        max_seq_len: int
+        query_start_loc: torch.Tensor  # [B + 1]
+        seq_lens: torch.Tensor  # [B] context incl. new tokens
+        block_table: torch.Tensor  # [B, max_blocks]
+        slot_mapping: torch.Tensor  # [T]
+        causal: bool | torch.Tensor
+        plan: BatchPlan  # on the device
+
+    class FrugalAttentionMetadataBuilder(AttentionMetadataBuilder[FrugalAttentionMetadata]):
+        # The plan is built on the host every step: attention runs eagerly (piecewise CUDA graphs).
+        _cudagraph_support = AttentionCGSupport.NEVER
+
+        def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+            super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+        def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+                  fast_build: bool = False) -> FrugalAttentionMetadata:
+            m = common_attn_metadata
+            n = m.num_reqs
+            seq_cpu = m.seq_lens_cpu_upper_bound  # exact on prefill rows, the only ones read on host
+            if seq_cpu is None:
+                seq_cpu = m.seq_lens.cpu()
+            plan = plan_batch(m.query_start_loc_cpu[: n + 1], seq_cpu[:n])
+            device_plan = BatchPlan(**{
+                k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in vars(plan).items()
+            })
+            return FrugalAttentionMetadata(
+                num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
+                max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
+                block_table=m.block_table_tensor, slot_mapping=m.slot_mapping, causal=m.causal,
+                plan=device_plan,
+            )
+
+    class FrugalAttentionBackend(AttentionBackend):
+        accept_output_buffer = True  # read by vLLM <= 0.17; harmless after
+        forward_includes_kv_cache_update = False  # vLLM calls impl.do_kv_cache_update first
+        supported_dtypes = list(SUPPORTED_DTYPES)
+        supported_kv_cache_dtypes = list(_SUPPORTED_KV_CACHE_DTYPES)
+
+        @staticmethod
+        def get_name() -> str:
+            return "CUSTOM"  # the Attention layer looks its enum member up by this name
+
+        @staticmethod
+        def get_impl_cls():
+            return FrugalAttentionImpl
+
+        @staticmethod
+        def get_builder_cls():
+            return FrugalAttentionMetadataBuilder
+
+        @staticmethod
+        def get_supported_kernel_block_sizes(kv_cache_spec=None):
+            return [MultipleOf(16)]  # the kernels take any page size; 16 as vLLM's Triton backend
+
+        @classmethod
+        def get_supported_head_sizes(cls) -> list[int]:
+            return list(SUPPORTED_HEAD_DIMS)
+
+        @classmethod
+        def supports_compute_capability(cls, capability) -> bool:
+            return capability is None or capability.major >= 8
+
+    class FrugalAttentionImpl(AttentionImpl[FrugalAttentionMetadata]):
+        def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None,
+                     sliding_window=None, kv_cache_dtype="auto", logits_soft_cap=None,
+                     attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None, **extra):
+            num_kv_heads = num_kv_heads or num_heads
+            # Other extras vLLM may pass (use_alibi_sqrt, chunk_lookback): only their off values.
+            unknown = {k: v for k, v in extra.items()
+                       if k != "sinks" and not (v is None or v is False or v == -1)}
+            reasons = unsupported_reasons(
+                head_size=head_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                alibi_slopes=alibi_slopes, sliding_window=sliding_window,
+                kv_cache_dtype=kv_cache_dtype, logits_soft_cap=logits_soft_cap,
+                attn_type=attn_type, sinks=extra.get("sinks"),
+            ) + [f"option {k}={v!r}" for k, v in unknown.items()]
+            if reasons:
+                raise NotImplementedError(
+                    "frugalserve's attention backend (CUSTOM) does not support: " + "; ".join(reasons)
+                    + ". Pick another backend with attention_backend=... for this model."
+                )
+            self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
+            self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(head_size)
+            self.kv_cache_dtype = kv_cache_dtype
+            self.attn_type = attn_type
+            self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+            self.alibi_slopes = (None if alibi_slopes is None
+                                 else torch.tensor(alibi_slopes, dtype=torch.float32))
+
+        def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+            key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+            if key_cache.is_cuda:  # vLLM's own writer for this layout: no host sync on padding
+                from vllm.v1.attention.ops.triton_reshape_and_cache_flash import (
+                    triton_reshape_and_cache_flash,
+                )
+
+                triton_reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
+                                               self.kv_cache_dtype, layer._k_scale, layer._v_scale)
+            else:
+                write_kv(key, value, key_cache, value_cache, slot_mapping)
+
+        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                    output_scale=None, output_block_scale=None):
+            """query [T, Hq, D] (K/V already in kv_cache); writes output [T, Hq, D] in place."""
+            if output_scale is not None or output_block_scale is not None:
+                raise NotImplementedError("frugalserve's attention backend has no fused output quantization")
+            if attn_metadata is None:  # vLLM's memory-profiling run
+                return output.fill_(0)
+            if attn_metadata.causal is not True:
+                raise NotImplementedError("frugalserve's attention backend is causal only")
+            n = attn_metadata.num_actual_tokens
+            key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+            if self.alibi_slopes is not None and self.alibi_slopes.device != query.device:
+                self.alibi_slopes = self.alibi_slopes.to(query.device)
+            out = output[:n].view(n, self.num_heads, self.head_size)
+            attend(query[:n].reshape(n, self.num_heads, self.head_size), key_cache, value_cache,
+                   attn_metadata.block_table, attn_metadata.seq_lens, attn_metadata.plan, out,
+                   scale=self.scale, alibi_slopes=self.alibi_slopes, max_seq_len=attn_metadata.max_seq_len)
+            return output
+
+    classes = {c.__name__: c for c in (FrugalAttentionMetadata, FrugalAttentionMetadataBuilder,
+                                        FrugalAttentionBackend, FrugalAttentionImpl)}
+    for cls in classes.values():
+        cls.__qualname__ = cls.__name__
+        cls.__module__ = __name__
+    return classes

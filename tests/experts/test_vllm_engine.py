@@ -1,0 +1,247 @@
+"""The vLLM engine's pure parts and the vLLM backend's torch parts, without vLLM (CI).
+
+The merging test feeds hand-made outputs shaped like vLLM 0.33's RequestOutput / CompletionOutput /
+Logprob (same attribute names, DELTA mode: each output carries only what is new).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from frugalserve.experts import vllm_engine as ve
+from frugalserve.experts.engine import SamplingParams
+from frugalserve.experts.spec import ExpertSpec
+from frugalserve.experts.transformers_engine import PromptTooLongError
+from frugalserve.kernels import alibi_slopes, vllm_backend
+from frugalserve.kernels.reference import attention_reference
+
+NO_VLLM = importlib.util.find_spec("vllm") is None
+needs_no_vllm = pytest.mark.skipif(not NO_VLLM, reason="checks behaviour without vLLM installed")
+
+
+def _spec(vllm: dict | None = None, **fields) -> ExpertSpec:
+    """A valid spec switched to engine vllm (validating engine vllm needs vLLM installed)."""
+    base = ExpertSpec(name="big", model="/models/big", **fields)
+    return base.model_copy(update={"engine": "vllm", "vllm": vllm or {}})
+
+
+# -- without vLLM --------------------------------------------------------------------------------
+
+
+@needs_no_vllm
+def test_spec_with_engine_vllm_names_the_extra():
+    with pytest.raises(ValueError, match=r"pip install 'frugalserve\[vllm\]'"):
+        ExpertSpec(name="big", model="/models/big", engine="vllm")
+
+
+@needs_no_vllm
+def test_backend_module_imports_and_register_names_the_extra():
+    assert vllm_backend.CLASS_PATH == "frugalserve.kernels.vllm_backend.FrugalAttentionBackend"
+    with pytest.raises(vllm_backend.VLLMUnavailableError, match=r"frugalserve\[vllm\]"):
+        vllm_backend.register()
+    with pytest.raises(vllm_backend.VLLMUnavailableError, match="0.33"):
+        vllm_backend.FrugalAttentionBackend  # noqa: B018  (classes are built on first access)
+
+
+def test_transformers_stays_the_default_engine():
+    assert ExpertSpec(name="small", model="/models/small").engine == "transformers"
+
+
+# -- engine arguments ---------------------------------------------------------------------------
+
+
+def test_engine_args_map_spec_fields():
+    spec = _spec({"tensor_parallel_size": 2, "gpu_memory_utilization": 0.85, "quantization": "awq",
+                  "enable_lora": True, "attention_backend": "CUSTOM", "max_num_seqs": 64},
+                 dtype="bfloat16", max_context=4096)
+    assert ve.engine_args_from_spec(spec) == {
+        "model": "/models/big", "served_model_name": "big", "dtype": "bfloat16", "max_model_len": 4096,
+        "disable_log_stats": False, "enable_log_requests": False,
+        "distributed_executor_backend": "ray", "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.85, "quantization": "awq", "enable_lora": True,
+        "attention_backend": "CUSTOM", "max_num_seqs": 64,
+    }
+
+
+def test_engine_args_defaults_leave_vllm_defaults():
+    args = ve.engine_args_from_spec(_spec())
+    assert args == {"model": "/models/big", "served_model_name": "big", "dtype": "auto",
+                    "disable_log_stats": False, "enable_log_requests": False}
+    assert ve.engine_args_from_spec(_spec({"max_model_len": 1024}))["max_model_len"] == 1024
+
+
+def test_engine_args_reject_unknown_and_bad_options():
+    with pytest.raises(ValueError, match=r"expert 'big': unknown vllm option\(s\) \['tensor_parallel'\]"):
+        ve.engine_args_from_spec(_spec({"tensor_parallel": 2}))
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        ve.engine_args_from_spec(_spec({"gpu_memory_utilization": 1.5}))
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        ve.engine_args_from_spec(_spec({"tensor_parallel_size": "two"}))
+    with pytest.raises(ValueError, match="disagree"):
+        ve.engine_args_from_spec(_spec({"max_model_len": 1024}, max_context=2048))
+    with pytest.raises(ValueError, match="CUDA"):
+        ve.engine_args_from_spec(_spec(device="cpu"))
+
+
+def test_deployment_reserves_one_gpu_per_tp_rank():
+    assert ve.deployment_resources(_spec()) == {"ray_actor_options": {"num_cpus": 1.0, "num_gpus": 1}}
+    tp4 = ve.deployment_resources(_spec({"tensor_parallel_size": 4}))
+    assert tp4["ray_actor_options"]["num_gpus"] == 0
+    assert tp4["placement_group_bundles"] == [{"CPU": 1.0}] + [{"GPU": 1}] * 4
+    assert tp4["placement_group_strategy"] == "STRICT_PACK"
+
+
+def test_sampling_kwargs():
+    params = SamplingParams(max_tokens=None, temperature=0.7, top_p=0.9, stop=("\n\n",), seed=3)
+    assert ve.sampling_kwargs(params, 40) == {
+        "n": 1, "temperature": 0.7, "top_p": 0.9, "stop": ["\n\n"], "seed": 3, "max_tokens": 40,
+        "logprobs": 0, "skip_special_tokens": True,
+    }
+    assert ve.sampling_kwargs(SamplingParams(), 16)["stop"] is None
+
+
+def test_completion_budget():
+    assert ve.completion_budget(100, 64, 90, None) == 10
+    assert ve.completion_budget(100, 64, 10, None) == 64
+    assert ve.completion_budget(100, 64, 10, 90) == 90
+    with pytest.raises(PromptTooLongError, match="needs 101"):
+        ve.completion_budget(100, 64, 10, 91)
+    with pytest.raises(PromptTooLongError, match="prompt alone takes 100"):
+        ve.completion_budget(100, 64, 100, None)
+
+
+# -- merging vLLM outputs -----------------------------------------------------------------------
+
+
+@dataclass
+class Logprob:  # vllm.logprobs.Logprob
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:  # vllm.outputs.CompletionOutput
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestOutput:  # vllm.outputs.RequestOutput (the attributes the engine reads)
+    request_id: str
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+
+def _out(rid, pieces, finished=False, reason=None):
+    """A DELTA-mode output carrying `pieces` = [(token_id, text, logprob), ...]."""
+    lps = [{t: Logprob(lp, 1, s)} for t, s, lp in pieces]
+    co = CompletionOutput(0, "".join(s for _, s, _ in pieces), [t for t, _, _ in pieces], None, lps,
+                          finish_reason=reason)
+    return RequestOutput(rid, [co], finished)
+
+
+def test_merge_interleaved_requests_step_by_step():
+    states = [ve.RequestState(prompt_tokens=5), ve.RequestState(prompt_tokens=7)]
+    step = ve.merge_outputs(states, [(0, _out("a", [(11, "Hel", -0.1)])),
+                                     (0, _out("a", [(12, "lo", -0.2)]))])
+    assert step[0].text == "Hello" and step[0].token_ids == (11, 12)
+    assert step[0].token_logprobs == (-0.1, -0.2) and step[0].finish_reason is None
+    assert step[1].text == "" and step[1].token_ids == ()  # running, nothing new yet
+
+    step = ve.merge_outputs(states, [(1, _out("b", [(21, "Hi", -0.5)], True, "stop")),
+                                     (0, _out("a", [(13, "!", -0.3)], True, "length"))])
+    a, b = step[0].completion, step[1].completion
+    assert (step[0].text, step[0].finish_reason) == ("!", "length")
+    assert a.text == "Hello!" and a.token_ids == (11, 12, 13) and a.token_logprobs == (-0.1, -0.2, -0.3)
+    assert a.token_texts == ("Hel", "lo", "!") and a.prompt_tokens == 5 and a.completion_tokens == 3
+    assert b.finish_reason == "stop" and b.text == "Hi" and b.prompt_tokens == 7
+    assert ve.merge_outputs(states, []) == [None, None]  # both reported: None from now on
+
+
+def test_merge_cancelled_and_errors():
+    states = [ve.RequestState(prompt_tokens=1), ve.RequestState(prompt_tokens=1)]
+    step = ve.merge_outputs(states, [(0, ve.CANCELLED), (1, _out("b", [(5, "x", -1.0)]))])
+    assert step[0] is None and step[1].text == "x"
+    step = ve.merge_outputs(states, [(1, _out("b", [], True, "abort"))])
+    assert step == [None, None]
+    with pytest.raises(RuntimeError, match="error"):
+        ve.merge_outputs([ve.RequestState(1)], [(0, _out("c", [], True, "error"))])
+    no_lp = RequestOutput("d", [CompletionOutput(0, "y", [7], None, None)], False)
+    with pytest.raises(ValueError, match="logprobs"):
+        ve.merge_outputs([ve.RequestState(1)], [(0, no_lp)])
+
+
+def test_kv_memory_stats():
+    s = ve.kv_memory_stats(num_blocks=1000, block_size=16, bytes_per_token=131072, usage=0.25,
+                           running=3, waiting=1)
+    assert s["kv_cache_tokens"] == 16000 and s["kv_cache_bytes"] == 16000 * 131072
+    assert s["kv_cache_tokens_used"] == 4000 and s["num_running_requests"] == 3
+    assert "kv_cache_usage" not in ve.kv_memory_stats(num_blocks=1, block_size=16, bytes_per_token=2)
+
+
+# -- the backend's batch split and paged attention, on the PyTorch reference --------------------
+
+
+def test_plan_batch_splits_decodes_and_prefills():
+    # queries of 1, 3, 0 (padding row), 1, 2 tokens; contexts incl. the new tokens
+    qsl = torch.tensor([0, 1, 4, 4, 5, 7])
+    plan = vllm_backend.plan_batch(qsl, torch.tensor([9, 5, 0, 1, 2]))
+    assert plan.decode_reqs.tolist() == [0, 3] and plan.decode_tokens.tolist() == [0, 4]
+    assert plan.prefill_tokens.tolist() == [1, 2, 3, 5, 6]
+    assert plan.prefill_kv_req.tolist() == [1] * 5 + [4] * 2
+    assert plan.prefill_kv_pos.tolist() == [0, 1, 2, 3, 4, 0, 1]
+    assert plan.prefill_cu_q.tolist() == [0, 3, 5] and plan.prefill_cu_k.tolist() == [0, 5, 7]
+    assert plan.prefill_max_q == 3
+
+
+def test_attend_over_vllm_cache_layout_matches_reference(monkeypatch):
+    """The vLLM 0.33 layer cache [blocks, Hkv, block, 2*D] (stored block-major here, as vLLM's
+    default LBNHC layout), written with write_kv, read by attend: GQA 8/2, ALiBi, mixed batch."""
+    monkeypatch.setenv("FRUGALSERVE_ATTENTION", "reference")
+    torch.manual_seed(0)
+    hq, hkv, d, bs, nblocks = 8, 2, 32, 4, 16
+    kv_cache = torch.zeros(nblocks, bs, hkv, 2 * d).transpose(1, 2)  # logical [B, H, N, 2D]
+    kc, vc = vllm_backend.split_kv_cache(kv_cache, d)
+    batch = [(6, 1), (0, 5), (3, 2)]  # (cached, new)
+    tables = torch.tensor([[3, 7, 0, 0], [9, 2, 0, 0], [5, 0, 0, 0]])
+    ks = [torch.randn(c + n, hkv, d) for c, n in batch]
+    vs = [torch.randn(c + n, hkv, d) for c, n in batch]
+    slots = [torch.tensor([int(tables[r, p // bs]) * bs + p % bs for p in range(c + n)])
+             for r, (c, n) in enumerate(batch)]
+    for r in range(len(batch)):
+        vllm_backend.write_kv(ks[r], vs[r], kc, vc, torch.cat([slots[r], torch.tensor([-1])]))
+    qlens = [n for _, n in batch]
+    qsl = torch.tensor([0, 1, 6, 8])
+    seq = torch.tensor([c + n for c, n in batch])
+    q = torch.randn(sum(qlens), hq, d)
+    out = torch.full_like(q, float("nan"))
+    slopes = alibi_slopes(hq)
+    plan = vllm_backend.plan_batch(qsl, seq)
+    vllm_backend.attend(q, kc, vc, tables, seq, plan, out, scale=d ** -0.5, alibi_slopes=slopes)
+    for r in range(len(batch)):
+        lo, hi = int(qsl[r]), int(qsl[r + 1])
+        ref = attention_reference(q[None, lo:hi], ks[r][None], vs[r][None], causal=True,
+                                  alibi_slopes=slopes, scale=d ** -0.5)[0]
+        torch.testing.assert_close(out[lo:hi], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_reasons_name_each_feature():
+    reasons = vllm_backend.unsupported_reasons(
+        head_size=256, num_heads=6, num_kv_heads=4, sliding_window=4096, kv_cache_dtype="fp8",
+        logits_soft_cap=30.0, attn_type="encoder_only", sinks=torch.zeros(6), dtype=torch.float32)
+    text = "; ".join(reasons)
+    for word in ("head size 256", "multiple of num_kv_heads", "sliding window", "fp8", "soft-capping",
+                 "encoder_only", "sinks", "float32"):
+        assert word in text
+    assert vllm_backend.unsupported_reasons(head_size=128, num_heads=32, num_kv_heads=8,
+                                            alibi_slopes=[0.5] * 32) == []

@@ -1,0 +1,305 @@
+"""The frugalserve attention backend against the real vLLM (0.33.x): needs the `vllm` extra, so it
+runs in `make test-vllm` (its own venv), never in CI.
+
+On a machine without CUDA it runs on CPU: vLLM is told its platform is the CPU one, and our Triton
+kernels run under TRITON_INTERPRET=1 (float16 only: the interpreter's tl.dot on bfloat16 returns
+garbage). The impl is driven the way vLLM's model runner drives it: a `CommonAttentionMetadata`
+for a mixed batch, our builder's `build`, a KV cache made by vLLM's `create_kv_cache_views`,
+`do_kv_cache_update`, then `forward`, and compared with our PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # the CUDA wheel finds no GPU platform here
+
+pytest.importorskip("vllm", reason="needs the vllm extra (`make test-vllm`); CI runs without vLLM")
+
+from frugalserve.kernels import alibi_slopes_list  # noqa: E402
+from frugalserve.kernels import vllm_backend as vb  # noqa: E402
+from frugalserve.kernels.reference import attention_reference  # noqa: E402
+from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
+from vllm.platforms.interface import DeviceCapability  # noqa: E402
+from vllm.v1.attention.backend import (  # noqa: E402
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
+from vllm.v1.kv_cache_interface import (  # noqa: E402
+    FullAttentionSpec,
+    KVCacheLayout,
+    KVCacheTensor,
+    create_kv_cache_views,
+)
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+BLOCK = 16
+TOL = dict(atol=2e-3, rtol=2e-3)  # float16 vs the float32 reference: see tests/kernels/conftest.py
+
+
+@pytest.fixture(scope="module")
+def vllm_config():
+    config = VllmConfig()
+    with set_current_vllm_config(config):
+        yield config
+
+
+def test_pinned_minor():
+    import vllm
+
+    assert vllm.__version__.startswith(vb.VLLM_PIN + "."), vllm.__version__
+
+
+def test_register_maps_custom_to_our_backend():
+    assert vb.register() == vb.CLASS_PATH
+    assert vb.register() == vb.CLASS_PATH  # re-entrant: vLLM calls it in every process
+    assert AttentionBackendEnum.CUSTOM.get_class() is vb.FrugalAttentionBackend
+    # the Attention layer looks the enum member up by get_name()
+    assert AttentionBackendEnum[vb.FrugalAttentionBackend.get_name()] is AttentionBackendEnum.CUSTOM
+
+
+def test_entry_point_declared_and_loaded_by_vllm():
+    eps = [ep for ep in importlib.metadata.entry_points(group="vllm.general_plugins")
+           if ep.value == "frugalserve.kernels.vllm_backend:register"]
+    assert eps, ("no vllm.general_plugins entry point for frugalserve.kernels.vllm_backend:register; "
+                 "add it to pyproject.toml and reinstall the project")
+    import vllm.plugins
+
+    AttentionBackendEnum.CUSTOM.clear_override()
+    vllm.plugins.plugins_loaded = False
+    vllm.plugins.load_general_plugins()
+    assert AttentionBackendEnum.CUSTOM.get_path() == vb.CLASS_PATH
+
+
+def test_classes_satisfy_vllm_abcs():
+    pairs = [(vb.FrugalAttentionBackend, AttentionBackend), (vb.FrugalAttentionImpl, AttentionImpl),
+             (vb.FrugalAttentionMetadataBuilder, AttentionMetadataBuilder)]
+    for cls, base in pairs:
+        assert issubclass(cls, base)
+        assert not inspect.isabstract(cls), f"{cls.__name__} leaves {cls.__abstractmethods__} abstract"
+    assert vb.FrugalAttentionBackend.get_impl_cls() is vb.FrugalAttentionImpl
+    assert vb.FrugalAttentionBackend.get_builder_cls() is vb.FrugalAttentionMetadataBuilder
+    assert vb.FrugalAttentionBackend.full_cls_name() == ("frugalserve.kernels.vllm_backend",
+                                                          "FrugalAttentionBackend")
+
+
+def _validate(**overrides):
+    args = dict(head_size=128, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=16,
+                use_mla=False, has_sink=False, use_sparse=False, use_mm_prefix=False,
+                use_per_head_quant_scales=False, device_capability=DeviceCapability(9, 0),
+                attn_type=AttentionType.DECODER)
+    args.update(overrides)
+    return vb.FrugalAttentionBackend.validate_configuration(**args)
+
+
+def test_validation_says_what_is_unsupported():
+    assert _validate() == []
+    assert _validate(head_size=64, dtype=torch.float16, block_size=32) == []
+    assert "head_size not supported" in _validate(head_size=256)
+    assert "dtype not supported" in _validate(dtype=torch.float32)
+    assert "kv_cache_dtype not supported" in _validate(kv_cache_dtype="fp8")
+    assert "block_size not supported" in _validate(block_size=8)
+    assert "sliding window not supported" in _validate(has_sliding_window=True)
+    assert "attention sinks not supported" in _validate(has_sink=True)
+    assert "MLA not supported" in _validate(use_mla=True)
+    assert "compute capability not supported" in _validate(device_capability=DeviceCapability(7, 5))
+    assert any(r.startswith("attention type") for r in _validate(attn_type=AttentionType.ENCODER_ONLY))
+
+
+def _impl(*args):
+    # positionally, as vLLM's Attention layer calls it
+    return vb.FrugalAttentionImpl(*args)
+
+
+def test_impl_refuses_with_reasons(vllm_config):
+    with pytest.raises(NotImplementedError, match="sliding window 4096"):
+        _impl(8, 64, 0.125, 2, None, 4096, "auto", None, AttentionType.DECODER, None)
+    with pytest.raises(NotImplementedError, match="kv_cache_dtype 'fp8'.*soft-capping"):
+        _impl(8, 64, 0.125, 2, None, None, "fp8", 30.0, AttentionType.DECODER, None)
+    with pytest.raises(NotImplementedError, match="head size 256"):
+        _impl(8, 256, 0.0625, 8, None, None, "auto", None, AttentionType.DECODER, None)
+    with pytest.raises(NotImplementedError, match="attention sinks"):
+        vb.FrugalAttentionImpl(8, 64, 0.125, 2, None, None, "auto", None, AttentionType.DECODER, None,
+                               sinks=torch.zeros(8))
+    impl = _impl(8, 64, 0.125, 2, alibi_slopes_list(8), None, "auto", None, AttentionType.DECODER, None)
+    assert impl.alibi_slopes.dtype == torch.float32 and impl.alibi_slopes.shape == (8,)
+
+
+def _kv_cache(layout: KVCacheLayout, num_blocks: int, num_kv_heads: int, head: int, dtype):
+    """One layer's cache exactly as vLLM's worker makes it: a byte buffer viewed per layout."""
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=num_kv_heads, head_size=head, dtype=dtype)
+    page = spec.page_size_bytes
+    raw = torch.zeros(page * num_blocks, dtype=torch.int8, device=DEVICE)
+    tensor = KVCacheTensor(size=raw.numel(), layers=["layer.0"], layer_stride=page * num_blocks,
+                           block_stride=page)
+    (cache,) = create_kv_cache_views(raw, spec, num_blocks, layout, tensor)
+    return spec, cache
+
+
+# (cached tokens, new tokens) per request, mixed as vLLM schedules them: decodes, a fresh prefill,
+# a chunked prefill over a cached prefix, a decode at position 0 + 1, one decode past a block edge.
+BATCH = [(36, 1), (0, 19), (33, 7), (1, 1), (15, 1), (0, 2)]
+
+
+@pytest.mark.parametrize("mode", ["triton", "reference"])
+@pytest.mark.parametrize("layout", [KVCacheLayout.LBNHC, KVCacheLayout.LBHNC])
+@pytest.mark.parametrize("heads,alibi", [((8, 2), "local"), ((5, 1), "tp-slice"), ((4, 4), None)])
+def test_forward_mixed_batch_matches_reference(vllm_config, monkeypatch, mode, layout, heads, alibi):
+    monkeypatch.setenv("FRUGALSERVE_ATTENTION", mode)
+    torch.manual_seed(0)
+    hq, hkv = heads
+    head, dtype = 64, torch.float16
+    scale = head ** -0.5
+    slopes = None
+    if alibi == "local":
+        slopes = alibi_slopes_list(hq)
+    elif alibi == "tp-slice":  # rank 1 of TP 2: a slice of the global slopes, not slopes(local heads)
+        slopes = alibi_slopes_list(2 * hq)[hq:]
+    num_blocks = 24
+    spec, kv_cache = _kv_cache(layout, num_blocks, hkv, head, dtype)
+    builder = vb.FrugalAttentionMetadataBuilder(spec, ["layer.0"], vllm_config, torch.device(DEVICE))
+    impl = _impl(hq, head, scale, hkv, slopes, None, "auto", None, AttentionType.DECODER, None)
+    layer = SimpleNamespace(_k_scale=torch.ones((), device=DEVICE), _v_scale=torch.ones((), device=DEVICE))
+
+    # Each request gets shuffled blocks (block 0 is vLLM's null block, never handed out).
+    free = (torch.randperm(num_blocks - 1) + 1).tolist()
+    max_blocks = max(-(-(c + n) // BLOCK) for c, n in BATCH)
+    block_table = torch.zeros(len(BATCH), max_blocks, dtype=torch.int32)
+    full_k, full_v = [], []
+    for r, (cached, new) in enumerate(BATCH):
+        nb = -(-(cached + new) // BLOCK)
+        block_table[r, :nb] = torch.tensor([free.pop() for _ in range(nb)])
+        full_k.append(torch.randn(cached + new, hkv, head, dtype=dtype))
+        full_v.append(torch.randn(cached + new, hkv, head, dtype=dtype))
+
+    def slots(r, positions):
+        return torch.tensor([int(block_table[r, p // BLOCK]) * BLOCK + p % BLOCK for p in positions])
+
+    # Earlier steps filled the cached prefixes.
+    for r, (cached, _) in enumerate(BATCH):
+        if cached:
+            impl.do_kv_cache_update(layer, full_k[r][:cached].to(DEVICE), full_v[r][:cached].to(DEVICE),
+                                    kv_cache, slots(r, range(cached)).to(DEVICE))
+
+    # This step: the new tokens of every request, packed in batch order, plus 3 padding tokens.
+    q_lens = [n for _, n in BATCH]
+    seq_lens = [c + n for c, n in BATCH]
+    n_tok, pad = sum(q_lens), 3
+    query = torch.randn(n_tok + pad, hq, head, dtype=dtype, device=DEVICE)
+    key = torch.cat([full_k[r][c:] for r, (c, _) in enumerate(BATCH)])
+    value = torch.cat([full_v[r][c:] for r, (c, _) in enumerate(BATCH)])
+    key = torch.cat([key, torch.randn(pad, hkv, head, dtype=dtype)]).to(DEVICE)
+    value = torch.cat([value, torch.randn(pad, hkv, head, dtype=dtype)]).to(DEVICE)
+    slot_mapping = torch.cat([slots(r, range(c, c + n)) for r, (c, n) in enumerate(BATCH)]
+                             + [torch.full((pad,), -1)]).to(DEVICE)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    common = CommonAttentionMetadata(
+        query_start_loc=qsl.to(DEVICE), query_start_loc_cpu=qsl,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        num_reqs=len(BATCH), num_actual_tokens=n_tok, max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens), block_table_tensor=block_table.to(DEVICE),
+        slot_mapping=slot_mapping, causal=True,
+    )
+    metadata = builder.build(common_prefix_len=0, common_attn_metadata=common)
+    impl.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+    output = torch.full((n_tok + pad, hq, head), float("nan"), dtype=dtype, device=DEVICE)
+    impl.forward(layer, query, key, value, kv_cache, metadata, output)
+
+    slopes_t = None if slopes is None else torch.tensor(slopes, device=DEVICE)
+    for r in range(len(BATCH)):
+        lo, hi = int(qsl[r]), int(qsl[r + 1])
+        ref = attention_reference(query[None, lo:hi], full_k[r][None].to(DEVICE), full_v[r][None].to(DEVICE),
+                                  causal=True, alibi_slopes=slopes_t, scale=scale)[0]
+        torch.testing.assert_close(output[lo:hi].float(), ref.float(), **TOL,
+                                   msg=lambda m, r=r: f"request {r} {BATCH[r]}: {m}")
+    assert torch.isnan(output[n_tok:]).all(), "padding rows must be left alone"
+
+
+def test_profiling_run_without_metadata_zeroes_output(vllm_config):
+    impl = _impl(4, 64, 0.125, 4, None, None, "auto", None, AttentionType.DECODER, None)
+    _, kv_cache = _kv_cache(KVCacheLayout.LBNHC, 2, 4, 64, torch.float16)
+    out = torch.ones(3, 4, 64, dtype=torch.float16, device=DEVICE)
+    impl.forward(None, out, out, out, kv_cache, None, out)
+    assert not out.any()
+
+
+# -- the engine adapter against vLLM's own classes -------------------------------------------------
+
+
+def test_engine_options_are_engine_args_fields():
+    import dataclasses
+
+    from frugalserve.experts.vllm_engine import VLLMOptions
+    from vllm import AsyncEngineArgs
+
+    fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    assert set(VLLMOptions.model_fields) <= fields, set(VLLMOptions.model_fields) - fields
+
+
+def test_engine_args_build_vllm_objects():
+    from frugalserve.experts import vllm_engine as ve
+    from frugalserve.experts.engine import SamplingParams
+    from frugalserve.experts.spec import ExpertSpec
+    from vllm import AsyncEngineArgs
+    from vllm import SamplingParams as VSamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    spec = ExpertSpec(name="big", model="/models/big", engine="vllm", max_context=2048,
+                      dtype="bfloat16")
+    spec = spec.model_copy(update={"vllm": {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8,
+                                            "quantization": "awq", "enable_lora": True,
+                                            "attention_backend": "CUSTOM"}})
+    args = AsyncEngineArgs(**ve.engine_args_from_spec(spec))
+    assert (args.model, args.served_model_name, args.dtype, args.max_model_len) == (
+        "/models/big", "big", "bfloat16", 2048)
+    assert (args.tensor_parallel_size, args.gpu_memory_utilization, args.quantization) == (2, 0.8, "awq")
+    assert args.enable_lora and args.attention_backend == "CUSTOM"
+    assert args.distributed_executor_backend == "ray" and not args.disable_log_stats
+
+    params = SamplingParams(max_tokens=None, temperature=0.5, top_p=0.9, stop=("END",), seed=7)
+    vp = VSamplingParams(**ve.sampling_kwargs(params, 12), output_kind=RequestOutputKind.DELTA)
+    assert (vp.max_tokens, vp.temperature, vp.top_p, vp.stop, vp.seed, vp.logprobs) == (
+        12, 0.5, 0.9, ["END"], 7, 0)
+
+
+def test_merge_reads_vllm_output_objects():
+    from frugalserve.experts import vllm_engine as ve
+    from vllm.logprobs import Logprob
+    from vllm.outputs import CompletionOutput, RequestOutput
+
+    def out(ids, text, lps, finished, reason=None):
+        co = CompletionOutput(index=0, text=text, token_ids=ids, cumulative_logprob=None,
+                              logprobs=[{t: Logprob(lp, 1, text)} for t, lp in zip(ids, lps)],
+                              finish_reason=reason)
+        return RequestOutput("r", None, [1, 2], None, [co], finished)
+
+    states = [ve.RequestState(prompt_tokens=2)]
+    assert ve.merge_outputs(states, [(0, out([5], "a", [-0.5], False))])[0].token_logprobs == (-0.5,)
+    final = ve.merge_outputs(states, [(0, out([6], "b", [-0.25], True, "length"))])[0]
+    assert final.completion.text == "ab" and final.completion.token_logprobs == (-0.5, -0.25)
+    assert final.finish_reason == "length"
+
+
+def test_stat_logger_is_a_vllm_stat_logger(vllm_config):
+    from frugalserve.experts import vllm_engine as ve
+    from vllm.v1.metrics.loggers import StatLoggerBase
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    snap = ve._SchedulerSnapshot()
+    factory = ve._stat_logger_factory(snap)
+    assert issubclass(factory, StatLoggerBase) and not inspect.isabstract(factory)
+    factory(vllm_config, 0).record(SchedulerStats(num_running_reqs=3, kv_cache_usage=0.5), None)
+    assert (snap.usage, snap.running) == (0.5, 3)
