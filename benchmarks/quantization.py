@@ -19,6 +19,7 @@ from pathlib import Path
 
 from frugalserve.experts import tasks as T
 from frugalserve.experts.engine import GenerationRequest, SamplingParams
+from frugalserve.experts.quant import linear_weight_bytes
 from frugalserve.experts.spec import resolve_model_path
 from frugalserve.experts.transformers_engine import TransformersEngine
 
@@ -35,18 +36,7 @@ def accuracy(engine, tasks_, adapter=None) -> float:
 
 
 def matrix_bytes(engine) -> int:
-    """Bytes of the quantizable weight matrices (linear layers; not embeddings or norms)."""
-    import torch
-
-    total = 0
-    for name, module in engine.model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
-            w = module.weight
-            total += w.numel() * w.element_size()
-            state = getattr(w, "quant_state", None)
-            if state is not None and getattr(state, "absmax", None) is not None:
-                total += state.absmax.numel() * state.absmax.element_size()
-    return total
+    return linear_weight_bytes(engine.model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,3 +62,19 @@ def check_cpu_4bit(model_path, block: int = 64, rows: int = 32) -> None:
             f"nf4 on CPU needs layer input widths that are multiples of {block} and output widths "
             f"that are multiples of {rows}; {model_path} has inputs {bad_in} and outputs "
             f"{bad_out} that are not: use int8, a GPU, or another model")
+
+
+def linear_weight_bytes(model) -> int:
+    """Bytes of the quantizable weight matrices (linear layers except the output head),
+    NF4 block constants included: what bitsandbytes shrinks."""
+    import torch
+
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+            w = module.weight
+            total += w.numel() * w.element_size()
+            state = getattr(w, "quant_state", None)
+            if state is not None and getattr(state, "absmax", None) is not None:
+                total += state.absmax.numel() * state.absmax.element_size()
+    return total

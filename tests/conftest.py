@@ -15,14 +15,24 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pytest_collection_modifyitems(config, items):
+def _cuda() -> bool:
     try:
         import torch
 
-        has_cuda = torch.cuda.is_available()
+        return torch.cuda.is_available()
     except ImportError:
-        has_cuda = False
-    if has_cuda:
+        return False
+
+
+# Without CUDA the Triton kernels run in Triton's interpreter. The switch is read when a
+# @triton.jit function is defined, so it must be set before anything imports Triton (other
+# packages do: bitsandbytes, peft), not only in tests/kernels.
+if not _cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
