@@ -20,7 +20,6 @@ from datetime import date
 from pathlib import Path
 
 import torch
-
 from frugalserve.experts.engine import GenerationRequest, SamplingParams
 from frugalserve.experts.transformers_engine import TransformersEngine
 

@@ -61,12 +61,11 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
-    from ray import serve
-
     from frugalserve.experts import tasks as T
     from frugalserve.experts.engine import GenerationRequest, SamplingParams
     from frugalserve.serve_app.app import build_app
     from frugalserve.serve_app.config import load_serve_config
+    from ray import serve
 
     app_args = load_serve_config(args.config)["applications"][0]["args"]
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)

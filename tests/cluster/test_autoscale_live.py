@@ -1,8 +1,5 @@
 """Integration on CPU: an expert with a deliberately small memory budget scales from 1 to ≥ 2
 replicas under a bounded burst of long requests and back to 1 after it, every request answered.
-
-NEEDS THE AUTOSCALING INTEGRATION (ExpertSpec.autoscaling, build_app's autoscaling_config,
-ExpertServer's memory profile, token ledger and record_autoscaling_stats); skipped until then.
 """
 
 from __future__ import annotations
@@ -12,14 +9,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from frugalserve.experts.spec import ExpertSpec
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif("autoscaling" not in ExpertSpec.model_fields,
-                       reason="needs the autoscaling integration: ExpertSpec.autoscaling, "
-                              "ExpertServer.record_autoscaling_stats (see docs/autoscaling.md)"),
-]
+pytestmark = pytest.mark.slow
 
 APP, PREFIX, DEPLOYMENT = "autoscale", "/autoscale", "expert-demo-llama"
 WEIGHTS = 361_760  # demo-llama's parameters + buffers, float32
