@@ -17,8 +17,8 @@ import numpy as np
 from frugalserve.cascade.features import Projector, row_answer_features
 from frugalserve.cascade.gate import Gate, fit_gate
 from frugalserve.cascade.matrix import ResponseMatrix
-from frugalserve.cascade.policy import gate_choose, replay_cascade
 from frugalserve.cascade.metrics import PARITY_TOLERANCE, auroc
+from frugalserve.cascade.policy import gate_choose, replay_cascade
 from frugalserve.cascade.scorer import SCORER_KINDS, Scorer, fit_scorer, out_of_fold_scores
 
 SCORER_DIMS = 16  # principal components of the prompt features the scorer sees

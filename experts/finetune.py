@@ -24,9 +24,8 @@ LORA_TARGETS = {  # module names per architecture
 
 def load_base(path: Path, device: str, quantize: bool):
     import torch
-    from transformers import AutoModelForCausalLM
-
     from frugalserve.experts.quant import quantization_config
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict = {}
     if quantize:
@@ -71,10 +70,9 @@ def finetune(base: Path, domain: str, out: Path, *, steps: int, batch_size: int,
              rank: int, device: str, quantize: bool, seed: int, max_minutes: float | None,
              pool_size: int = 20_000) -> dict:
     import torch
-    from tqdm import tqdm
-
     from frugalserve.experts import tasks as T
     from frugalserve.experts.zoo import Batches, build_pools
+    from tqdm import tqdm
 
     if domain not in T.DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; choose one of {list(T.DOMAINS)}")

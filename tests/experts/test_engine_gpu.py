@@ -7,7 +7,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-
 from frugalserve.experts.engine import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.gpu

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from frugalserve.experts import tasks as T
 from frugalserve.experts.engine import GenerationRequest, SamplingParams
 from frugalserve.experts.quant import linear_weight_bytes
 from frugalserve.experts.spec import resolve_model_path
 from frugalserve.experts.transformers_engine import TransformersEngine
+
 from tests.conftest import make_random_adapter
 
 pytest.importorskip("bitsandbytes", reason="the quant extra is not installed")
