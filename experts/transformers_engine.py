@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -164,7 +165,14 @@ class TransformersEngine(Engine):
 
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """The base model's parameters (LoRA adapters' own weights are not part of its cost)."""
+        total = 0
+        for name, p in self.model.named_parameters():
+            if "lora_" in name:
+                continue
+            state = getattr(p, "quant_state", None)  # NF4 packs two weights per stored byte
+            total += math.prod(state.shape) if state is not None else p.numel()
+        return total
 
     def encode(self, request: GenerationRequest) -> list[int]:
         tok = self.tokenizer

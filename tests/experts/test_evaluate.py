@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from frugalserve.experts import evaluate as E
@@ -77,46 +75,3 @@ def test_experts_are_named_by_zoo_name_path_or_both(tmp_path):
     assert [n for n, _ in E.parse_experts(None)] == list(E.ZOO)
 
 
-class _FakeServer(BaseHTTPRequestHandler):
-    """Answers /v1/chat/completions like frugalserve: content, usage, logprobs, cost."""
-
-    seen: list[dict] = []
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.seen.append({"path": self.path, **body})
-        prompt = body["messages"][0]["content"]
-        answer = next(t.answer for t in T.generate("test", 6) if t.prompt == prompt)
-        data = {
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "logprobs": {"content": [{"token": answer, "logprob": -0.5},
-                                                  {"token": "", "logprob": -0.1}]},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14},
-            "frugalserve": {"cost": 0.007},
-        }
-        raw = json.dumps(data).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_url_mode_reads_openai_responses():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}"
-        rows = E.evaluate([("tier-s", MODELS_DIR / "tier-s")], T.generate("test", 6), url=url, progress=False)
-    finally:
-        server.shutdown()
-    assert all(r["correct"] for r in rows)
-    assert rows[0]["token_logprobs"] == [-0.5, -0.1] and rows[0]["logprob_min"] == -0.5
-    assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"], rows[0]["cost"]) == (12, 2, 0.007)
-    sent = _FakeServer.seen[0]
-    assert sent["path"] == "/v1/chat/completions" and sent["model"] == "tier-s" and sent["logprobs"] is True
-    assert sent["temperature"] == 0
