@@ -115,7 +115,8 @@ class MemoryProfile:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of parameters and buffers as stored; shared (tied) tensors count once."""
+    """Bytes of parameters and buffers as stored (shared, tied tensors count once), plus the
+    quantization constants bitsandbytes keeps beside packed 4-bit weights."""
     seen: set[int] = set()
     total = 0
     for t in (*model.parameters(), *model.buffers()):
@@ -124,6 +125,14 @@ def weight_bytes(model) -> int:
             continue
         seen.add(storage.data_ptr())
         total += storage.nbytes()
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None:
+            continue
+        for t in (getattr(state, "absmax", None),
+                  getattr(getattr(state, "state2", None), "absmax", None)):
+            if t is not None:
+                total += t.numel() * t.element_size()
     return total
 
 

@@ -26,16 +26,9 @@ def quantization_config(kind: str, double_quant: bool = True, compute_dtype=None
 
 def weight_bytes(model) -> int:
     """Bytes the weights really take: packed 4-bit and 8-bit storage plus quantization state."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(b.numel() * b.element_size() for b in model.buffers())
-    for module in model.modules():  # NF4 absmax / double-quant state lives beside the weight
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None:
-            for t in (getattr(state, "absmax", None), getattr(getattr(state, "state2", None),
-                                                               "absmax", None)):
-                if t is not None:
-                    total += t.numel() * t.element_size()
-    return total
+    from frugalserve.experts.memory import weight_bytes as stored_bytes
+
+    return stored_bytes(model)
 
 
 def check_cpu_4bit(model_path, block: int = 64, rows: int = 32) -> None:

@@ -55,6 +55,11 @@ class ExpertServer:
 
         self._metrics = expert_metrics()
         self._tags = {"expert": self.spec.name}
+        self._metrics["frugalserve_weight_bytes"].set(
+            self.engine.memory_stats().get("weight_bytes", 0.0), self._tags)
+        if self.ledger is not None:
+            for name, value in self.ledger.autoscaling_stats().items():
+                self._metrics[name].set(value, self._tags)
         logger.info("expert %s ready (pid %d)", self.spec.name, os.getpid())
 
     def info(self) -> dict:
@@ -141,8 +146,13 @@ class ExpertServer:
         return profile, TokenLedger.for_profile(profile)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve calls this on every replica; frugalserve.cluster.autoscaling reads it."""
-        return self.ledger.autoscaling_stats() if self.ledger is not None else {}
+        """Serve calls this on every replica; frugalserve.cluster.autoscaling reads it. The
+        same numbers go to Prometheus."""
+        stats = self.ledger.autoscaling_stats() if self.ledger is not None else {}
+        for name, value in stats.items():
+            if name in self._metrics:
+                self._metrics[name].set(value, self._tags)
+        return stats
 
     def _admit(self, request: GenerationRequest) -> None:
         """Check the request fits (failing it alone, before it joins a batch) and count its

@@ -53,6 +53,15 @@ def expert_metrics():
         "queue_depth": Gauge("frugalserve_queue_depth",
                              "requests waiting for or running in the engine",
                              tag_keys=("expert",)),
+        # the memory profile and the autoscaling signal (experts/memory.py names them)
+        **{name: Gauge(name, help_, tag_keys=("expert",)) for name, help_ in (
+            ("frugalserve_weight_bytes", "bytes the replica's weights take"),
+            ("frugalserve_kv_bytes_per_token", "KV-cache bytes one token in flight takes"),
+            ("frugalserve_usable_bytes", "bytes the replica may use for tokens"),
+            ("frugalserve_tokens_in_flight", "prompt + generated tokens of requests in flight"),
+            ("frugalserve_bytes_in_use", "bytes the tokens in flight take"),
+            ("frugalserve_requests_in_flight", "requests the token ledger counts"),
+        )},
     }
 
 

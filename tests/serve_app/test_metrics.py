@@ -69,4 +69,8 @@ def test_requests_tokens_latency_and_batches_are_exported(app_url, metrics_url):
                  "ray_frugalserve_batch_size_count"):
         assert total(after, name) > total(before, name), name
     assert any(n == "ray_frugalserve_queue_depth" for n, _ in after)
+    # the memory profile and the autoscaling signal of each expert
+    assert total(after, "ray_frugalserve_kv_bytes_per_token", expert="demo-falcon") > 0
+    assert total(after, "ray_frugalserve_weight_bytes", expert="demo-falcon") > 100_000
+    assert any(n == "ray_frugalserve_tokens_in_flight" for n, _ in after)
     assert any(n.startswith("ray_serve_") for n, _ in after)  # Serve's own series beside ours
