@@ -76,15 +76,23 @@ def ray_cluster():
     """One Ray instance for the whole session (Serve starts in about 10 s here)."""
     import ray
 
-    ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=200 * 1024**2,
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-        _metrics_export_port=METRICS_PORT,
-        _system_config={"metrics_report_interval_ms": 1000},
-    )
+    for attempt in range(3):  # a loaded 2-core machine occasionally misses Ray's start deadline
+        try:
+            ray.init(
+                num_cpus=8,
+                include_dashboard=False,
+                log_to_driver=False,
+                object_store_memory=200 * 1024**2,
+                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                _metrics_export_port=METRICS_PORT,
+                _system_config={"metrics_report_interval_ms": 1000},
+            )
+            break
+        except Exception:  # noqa: BLE001 - retried, then re-raised
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(5)
     yield ray
     from ray import serve
 
