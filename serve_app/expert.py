@@ -55,11 +55,7 @@ class ExpertServer:
 
         self._metrics = expert_metrics()
         self._tags = {"expert": self.spec.name}
-        self._metrics["frugalserve_weight_bytes"].set(
-            self.engine.memory_stats().get("weight_bytes", 0.0), self._tags)
-        if self.ledger is not None:
-            for name, value in self.ledger.autoscaling_stats().items():
-                self._metrics[name].set(value, self._tags)
+        self._weight_bytes = float(self.engine.memory_stats().get("weight_bytes", 0.0))
         logger.info("expert %s ready (pid %d)", self.spec.name, os.getpid())
 
     def info(self) -> dict:
@@ -148,10 +144,17 @@ class ExpertServer:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this on every replica; frugalserve.cluster.autoscaling reads it. The
         same numbers go to Prometheus."""
+        return self._publish_gauges()
+
+    def _publish_gauges(self) -> dict[str, float]:
+        """Set the memory gauges (on every autoscaling report and health check, so a scrape
+        always finds them) and return the autoscaling stats."""
         stats = self.ledger.autoscaling_stats() if self.ledger is not None else {}
         for name, value in stats.items():
             if name in self._metrics:
                 self._metrics[name].set(value, self._tags)
+        self._metrics["frugalserve_weight_bytes"].set(self._weight_bytes, self._tags)
+        self._metrics["queue_depth"].set(self._in_flight, self._tags)
         return stats
 
     def _admit(self, request: GenerationRequest) -> None:
@@ -195,3 +198,4 @@ class ExpertServer:
     async def check_health(self) -> None:
         if self.engine is None:
             raise RuntimeError("engine not loaded")
+        self._publish_gauges()

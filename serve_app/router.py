@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from frugalserve.experts.engine import Completion, GenerationRequest, SamplingParams
-from frugalserve.serve_app.auth import authorized, load_keys
+from frugalserve.serve_app.auth import load_keys
 from frugalserve.serve_app.config import AppConfig
-from frugalserve.serve_app.errors import APIError, error_body, install_error_handlers
+from frugalserve.serve_app.errors import APIError, install_error_handlers
 from frugalserve.serve_app.metrics import record_outcome, router_metrics
+from frugalserve.serve_app.middleware import RouterMiddleware
 from frugalserve.serve_app.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -47,44 +48,7 @@ app = FastAPI(
     description="OpenAI-compatible router that answers with the cheapest good-enough expert.",
 )
 install_error_handlers(app)
-
-
-def _api_path(request: Request) -> str:
-    """The path below the application's route prefix (Starlette keeps the prefix in it)."""
-    path, root = request.url.path, request.scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
-
-
-@app.middleware("http")
-async def _require_key(request: Request, call_next):
-    # Serve pickles the app and this class by value, so process-wide state lives in a module
-    # imported at run time, not in this module's globals.
-    from frugalserve.serve_app import auth
-
-    keys = auth.ACTIVE_KEYS
-    if keys is not None and _api_path(request).startswith("/v1/") and not authorized(
-            request.headers.get("authorization"), keys):
-        return JSONResponse(error_body(
-            "Incorrect or missing API key: send `Authorization: Bearer <key>`",
-            "invalid_request_error", None, "invalid_api_key"), 401)
-    return await call_next(request)
-
-
-@app.middleware("http")
-async def _count_requests(request: Request, call_next):
-    """Requests by model, policy and status; end-to-end latency of non-streamed answers."""
-    start = time.perf_counter()
-    request.state.started = start
-    response = await call_next(request)
-    if _api_path(request).startswith("/v1/") and request.method == "POST":
-        m = router_metrics()
-        model = getattr(request.state, "model", "unknown")
-        policy = getattr(request.state, "policy", "none")
-        m["requests"].inc(1, {"model": model, "policy": policy,
-                              "status": str(response.status_code)})
-        if not getattr(request.state, "streaming", False):
-            m["e2e"].observe(time.perf_counter() - start, {"model": model, "policy": policy})
-    return response
+app.add_middleware(RouterMiddleware)
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -56,7 +56,8 @@ def test_requests_tokens_latency_and_batches_are_exported(app_url, metrics_url):
 
     def done(s):
         return total(s, req, model="demo-falcon", status="200") - \
-            total(before, req, model="demo-falcon", status="200") >= n + 1
+            total(before, req, model="demo-falcon", status="200") >= n + 1 and \
+            total(s, "ray_frugalserve_weight_bytes", expert="demo-falcon") > 0
 
     after = wait_for(metrics_url, done)
     assert done(after), "request counter did not reach the expected value"

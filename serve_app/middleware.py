@@ -1,0 +1,59 @@
+"""The router's one ASGI middleware: API-key check and request counting.
+
+Plain ASGI rather than Starlette's BaseHTTPMiddleware, which wraps every response body in an
+extra task and stream (a cost on every request and every streamed chunk).
+"""
+
+from __future__ import annotations
+
+import time
+
+from frugalserve.serve_app.auth import authorized
+from frugalserve.serve_app.errors import error_body
+from frugalserve.serve_app.metrics import router_metrics
+from starlette.responses import JSONResponse
+
+
+def api_path(scope) -> str:
+    """The path below the application's route prefix (Starlette keeps the prefix in it)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
+class RouterMiddleware:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not api_path(scope).startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        # Serve pickles the router by value, so process-wide state lives in a module imported
+        # at run time, not in a global of this one.
+        from frugalserve.serve_app import auth
+
+        if auth.ACTIVE_KEYS is not None:
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not authorized(header, auth.ACTIVE_KEYS):
+                response = JSONResponse(error_body(
+                    "Incorrect or missing API key: send `Authorization: Bearer <key>`",
+                    "invalid_request_error", None, "invalid_api_key"), 401)
+                return await response(scope, receive, send)
+        state = scope.setdefault("state", {})
+        state["started"] = start = time.perf_counter()
+        status = [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            if scope["method"] == "POST":
+                m = router_metrics()
+                model, policy = state.get("model", "unknown"), state.get("policy", "none")
+                m["requests"].inc(1, {"model": model, "policy": policy, "status": str(status[0])})
+                if not state.get("streaming", False):  # streams record their own (see _Timing)
+                    m["e2e"].observe(time.perf_counter() - start,
+                                     {"model": model, "policy": policy})
