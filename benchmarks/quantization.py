@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {tier} {kind}: {exc}", file=sys.stderr)
                 continue
             row = {"tier": tier, "weights": kind,
-                   "weight_bytes": int(eng.memory_stats()["weight_bytes"]),
+                   "weight_bytes": int(eng.weight_bytes()),
                    "matrix_bytes": matrix_bytes(eng), "accuracy": accuracy(eng, tasks_)}
             rows.append(row)
             print(f"  {tier} {kind}: {row}", file=sys.stderr)

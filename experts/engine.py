@@ -1,8 +1,16 @@
-"""The engine interface every expert runs behind.
+"""The engine contract: everything an expert deployment calls on the engine that runs its model.
 
-An engine owns one model replica. It generates for a batch of requests at once and streams
-tokens for one request; it knows nothing of Ray. The transformers engine is the default; the
-vLLM engine is optional.
+An engine owns one model replica and knows nothing of Ray. Two kinds exist:
+
+- engines that batch themselves (`batches_itself = True`: the continuous-batching paged engine,
+  vLLM): the deployment hands each request to `stream` as it arrives and the engine's own loop
+  admits it into the running batch at the next step;
+- engines that run one static batch at a time (`batches_itself = False`: the plain transformers
+  engine): the deployment collects requests with Serve's batcher and calls `stream_batch`.
+
+Both share admission (`admit`: tokenize, check the adapter, fit the context, once per request),
+the errors below (the router maps them to 4xx without importing torch), `EngineInfo` (what runs,
+reported by `/v1/models`), cancellation, statistics and the memory profile the autoscaler reads.
 """
 
 from __future__ import annotations
@@ -10,17 +18,42 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+# -- errors: a request this engine cannot serve (the router answers 400) ---------------------
+
+
+class EngineError(ValueError):
+    """A request the engine refuses; the message says why, for the client."""
+
+
+class PromptTooLongError(EngineError):
+    """The prompt plus `max_tokens` does not fit the model's context."""
+
+
+class UnknownAdapterError(EngineError):
+    """The request names a LoRA adapter the engine does not serve."""
+
+
+class NoChatTemplateError(EngineError):
+    """Chat messages sent to a model without a chat template."""
+
+
+# -- requests and answers ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """What one request asks of the generator."""
 
-    max_tokens: int | None = 16  # None: the engine's default, capped by the context left
+    max_tokens: int | None = None  # None: the engine's default, capped by the context left
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # generate through end-of-sequence tokens up to max_tokens
+    min_tokens: int = 0  # end-of-sequence and stop tokens are not sampled before this many
+    stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the answer (kept in it)
 
 
 @dataclass(frozen=True)
@@ -35,6 +68,15 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class Admission:
+    """A request the engine accepted: its prompt tokens and how many tokens it may generate."""
+
+    request: GenerationRequest
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+
+
+@dataclass(frozen=True)
 class Completion:
     """The engine's answer to one request. Logprobs are always there: the cascade scores them."""
 
@@ -43,7 +85,7 @@ class Completion:
     token_logprobs: tuple[float, ...]  # log p(token) under the model, one per generated token
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "cancelled"
     token_texts: tuple[str, ...] = ()  # each generated token as text, for OpenAI-style logprobs
 
 
@@ -58,46 +100,154 @@ class StreamDelta:
     completion: Completion | None = None
 
 
+@dataclass(frozen=True)
+class EngineInfo:
+    """What runs in a replica, as `/v1/models` and the logs report it."""
+
+    name: str
+    engine: str  # "transformers" | "vllm"
+    batching: str  # "continuous" (the engine's own loop) | "static" (one batch at a time)
+    device: str
+    dtype: str
+    num_parameters: int
+    max_context: int
+    default_max_tokens: int
+    attention: dict[str, str]  # kernel -> what runs there and why ("triton (...)", "reference (...)")
+    quantization: str = "none"
+    adapters: tuple[str, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)  # engine-specific facts (cache, graphs)
+
+
+# -- shared admission helpers ------------------------------------------------------------------
+
+
+def encode_request(tokenizer, request: GenerationRequest, name: str = "model") -> list[int]:
+    """Prompt token ids: the chat template for messages, BOS + text for a raw prompt."""
+    if request.messages is not None:
+        if tokenizer.chat_template is None:
+            raise NoChatTemplateError(f"model {name!r} has no chat template; use /v1/completions")
+        text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"]
+    return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
+
+
+def completion_budget(max_context: int, default_max_tokens: int, prompt_tokens: int,
+                      asked: int | None) -> int:
+    """Tokens the completion may take: `asked`, or the default capped by the room left.
+    Raises `PromptTooLongError` when the request does not fit."""
+    room = max_context - prompt_tokens
+    if asked is None:
+        if room < 1:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {max_context} tokens, but the prompt "
+                f"alone takes {prompt_tokens}; shorten the prompt")
+        return min(default_max_tokens, room)
+    if asked > room:
+        raise PromptTooLongError(
+            f"this model's maximum context length is {max_context} tokens, but the request needs "
+            f"{prompt_tokens + asked} ({prompt_tokens} in the prompt + {asked} in max_tokens); "
+            "shorten the prompt or lower max_tokens")
+    return asked
+
+
+# -- the contract ------------------------------------------------------------------------------
+
+
 class Engine(abc.ABC):
-    """An async engine serving one model replica.
+    """An async engine serving one model replica."""
 
-    The primitive is `stream_batch`: one engine call for a batch of requests, yielding after every
-    decoding step a list with one slot per request. `generate` and `stream` are built on it.
-    """
-
-    @abc.abstractmethod
-    def stream_batch(
-        self, requests: Sequence[GenerationRequest]
-    ) -> AsyncIterator[list[StreamDelta | None]]:
-        """Decode a batch together. Each yielded list has one slot per request: a `StreamDelta`
-        (possibly with empty text) while it runs, the final delta (with `finish_reason` and the
-        whole `Completion`) once, and `None` after it finished."""
-
-    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
-        """Generate for a batch of requests at once; one `Completion` per request, in order."""
-        done: list[Completion | None] = [None] * len(requests)
-        async for step in self.stream_batch(requests):
-            for i, delta in enumerate(step):
-                if delta is not None and delta.completion is not None:
-                    done[i] = delta.completion
-        assert all(c is not None for c in done), "engine ended a batch without finishing it"
-        return done  # type: ignore[return-value]
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        """Stream one request's tokens; the final delta carries the whole `Completion`."""
-        async for step in self.stream_batch([request]):
-            if step[0] is not None:
-                yield step[0]
-
-    @abc.abstractmethod
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        """How many tokens the request's prompt takes once templated and tokenized."""
+    batches_itself: ClassVar[bool] = False
+    name: str
+    tokenizer: Any
+    default_max_tokens: int
+    adapters: Sequence[str]
 
     @property
     @abc.abstractmethod
     def max_context(self) -> int:
         """The longest prompt + completion the engine accepts, in tokens."""
 
-    def memory_stats(self) -> dict[str, float]:
-        """Memory facts of the replica (bytes); engines fill in what they know."""
+    @abc.abstractmethod
+    def info(self) -> EngineInfo:
+        """What runs in this replica (engine, batching, attention kernels and why, memory)."""
+
+    def encode(self, request: GenerationRequest) -> list[int]:
+        return encode_request(self.tokenizer, request, self.name)
+
+    def admit(self, request: GenerationRequest) -> Admission:
+        """Tokenize and check one request before it joins any batch; raises an `EngineError`
+        (the request fails alone) when the engine cannot serve it."""
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise UnknownAdapterError(f"model {self.name!r} has no adapter {request.adapter!r}; "
+                                      f"it has {sorted(self.adapters)}")
+        ids = self.encode(request)
+        budget = completion_budget(self.max_context, self.default_max_tokens, len(ids),
+                                   request.params.max_tokens)
+        return Admission(request, tuple(ids), budget)
+
+    def stream_batch(self, admissions: Sequence[Admission]) -> AsyncIterator[list[StreamDelta | None]]:
+        """Static engines: decode a batch together. Each yielded list has one slot per request:
+        a `StreamDelta` (possibly with empty text) while it runs, the final delta (with
+        `finish_reason` and the whole `Completion`) once, and `None` after it finished."""
+        raise NotImplementedError(f"{type(self).__name__} batches itself; call stream()")
+
+    async def stream(self, admission: Admission) -> AsyncIterator[StreamDelta]:
+        """Stream one request's tokens; the final delta carries the whole `Completion`."""
+        async for step in self.stream_batch([admission]):
+            if step[0] is not None:
+                yield step[0]
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """Admit and generate several requests at once; one `Completion` each, in order."""
+        import asyncio
+
+        admissions = [self.admit(r) for r in requests]
+
+        async def one(a: Admission) -> Completion:
+            async for delta in self.stream(a):
+                if delta.completion is not None:
+                    return delta.completion
+            raise RuntimeError("the engine ended a request without a completion")
+
+        if self.batches_itself:
+            return list(await asyncio.gather(*(one(a) for a in admissions)))
+        done: list[Completion | None] = [None] * len(admissions)
+        async for step in self.stream_batch(admissions):
+            for i, delta in enumerate(step):
+                if delta is not None and delta.completion is not None:
+                    done[i] = delta.completion
+        if any(c is None for c in done):
+            raise RuntimeError("the engine ended a batch without finishing it")
+        return [c for c in done if c is not None]
+
+    def cancel(self, request_id: str) -> None:
+        """The caller of `request_id` went away: stop decoding it and free what it holds."""
+        return None
+
+    def release(self, admission: Admission) -> None:
+        """The deployment is done with `admission` (answered, failed or cancelled)."""
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for tests and benchmarks: batch sizes, cancellations, cache use."""
         return {}
+
+    def drain_step_sizes(self) -> list[int]:
+        """Engines that batch themselves: the batch size of each step since the last call (the
+        deployment turns them into the batch-size histogram). Static engines: nothing."""
+        return []
+
+    def memory_profile(self):
+        """The replica's `MemoryProfile` (frugalserve.experts.memory), or None if unknown."""
+        return None
+
+    def load_stats(self) -> dict[str, float]:
+        """The autoscaling signal (`record_autoscaling_stats`): bytes in use, usable bytes,
+        tokens and requests in flight. Empty: Serve holds the replica count."""
+        return {}
+
+    def weight_bytes(self) -> float:
+        """Bytes the model's weights take as stored (0 if unknown)."""
+        return 0.0

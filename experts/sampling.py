@@ -12,9 +12,16 @@ def choose_tokens(
     logits: torch.Tensor,  # [batch, vocab], float32
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
+    suppress: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Greedy where temperature is 0; else temperature + nucleus (top_p) sampling, each row
-    drawn from its own seeded generator so a seed gives the same answer in any batch."""
+    drawn from its own seeded generator so a seed gives the same answer in any batch.
+    `suppress[i]`: token ids row i must not pick (end tokens before its `min_tokens`)."""
+    if suppress is not None and any(suppress):
+        logits = logits.clone()
+        for i, ids in enumerate(suppress):
+            if ids:
+                logits[i, list(ids)] = float("-inf")
     chosen = logits.argmax(dim=-1)
     for i, (p, gen) in enumerate(zip(params, generators)):
         if p.temperature <= 0:

@@ -32,10 +32,36 @@ def default_cost_per_1k(num_params: int) -> float:
 class BatchingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(16, ge=1, le=1024, description="requests per engine call")
-    batch_wait_timeout_s: float = Field(
-        0.01, ge=0, le=10, description="how long the first request of a batch waits for company"
+    continuous: Literal["auto", "on", "off"] = Field(
+        "auto", description="continuous batching in the paged engine: auto = where the model "
+        "family has a paged implementation (Llama-style, Falcon) and no LoRA adapters are "
+        "served; on = required (else an error); off = static batches through Serve's batcher"
     )
+    max_batch_size: int = Field(
+        64, ge=1, le=1024, description="continuous: sequences running at once; static: requests "
+        "per engine call"
+    )
+    max_batched_tokens: int = Field(
+        2048, ge=16, le=1_048_576, description="continuous: tokens one engine step computes "
+        "(prefill chunks + decodes); longer prompts are prefilled in chunks"
+    )
+    admission_delay_s: float = Field(
+        0.0, ge=0, le=1, description="continuous: while others decode, a newcomer waits up to "
+        "this long so several prefills share one step"
+    )
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="static: how long the first request of a batch waits for "
+        "company"
+    )
+
+
+class KVCacheConfig(BaseModel):
+    """The paged engine's KV cache (continuous batching)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    page_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache page")
+    cuda_graphs: bool = Field(True, description="replay decode steps from CUDA graphs (GPU only)")
 
 
 class ReplicaResources(BaseModel):
@@ -130,6 +156,7 @@ class ExpertSpec(BaseModel):
     )
     max_tokens_default: int = Field(64, ge=1, description="max_tokens when a request omits it")
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     resources: ReplicaResources = Field(default_factory=ReplicaResources)
     num_replicas: int = Field(1, ge=1, description="replicas when autoscaling is off")
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)

@@ -1,10 +1,10 @@
 """The vLLM engine: an expert served by vLLM's AsyncLLM (vLLM 0.33.x, the `vllm` extra).
 
-vLLM batches by itself (continuous batching), so `stream_batch` hands every request to vLLM at
-once and merges their outputs as they arrive: each yielded step holds whatever tokens arrived
-since the last one. Prompts are tokenized here with the model's Hugging Face tokenizer (the same
-rules as the transformers engine), so `count_prompt_tokens` and `check_fits` agree with what vLLM
-runs. Every token carries its logprob (`logprobs=0` asks vLLM for the sampled token's, which with
+vLLM batches by itself (continuous batching), so the deployment hands each request to `stream`
+as it arrives; `_stream_many` merges the outputs of several requests as they arrive (each yielded
+step holds whatever tokens arrived since the last one). Prompts are tokenized by the engine
+contract's `admit` with the model's Hugging Face tokenizer (the same rules as the transformers
+engines), so the context checks agree with what vLLM runs. Every token carries its logprob (`logprobs=0` asks vLLM for the sampled token's, which with
 vLLM's default `raw_logprobs` mode is temperature-free, as in the transformers engine).
 
 Only `VLLMEngine.from_spec` and the stat logger import vllm; the rest (options, engine arguments,
@@ -22,17 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from frugalserve.experts.engine import (
+    Admission,
     Completion,
     Engine,
-    GenerationRequest,
+    EngineInfo,
     SamplingParams,
     StreamDelta,
+    UnknownAdapterError,
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 logger = logging.getLogger(__name__)
-
-VLLM_PIN = "0.33"
 
 
 class VLLMOptions(BaseModel):
@@ -280,41 +280,6 @@ def _stat_logger_factory(snapshot: _SchedulerSnapshot):
     return _Snapshot
 
 
-# -- prompt budget -----------------------------------------------------------------------------
-
-
-def completion_budget(max_context: int, default_max_tokens: int, prompt_tokens: int,
-                      asked: int | None) -> int:
-    """Tokens the completion may take; raises PromptTooLongError as the transformers engine does."""
-    from frugalserve.experts.transformers_engine import PromptTooLongError
-
-    room = max_context - prompt_tokens
-    if asked is None:
-        if room < 1:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {max_context} tokens, but the prompt "
-                f"alone takes {prompt_tokens}; shorten the prompt")
-        return min(default_max_tokens, room)
-    if asked > room:
-        raise PromptTooLongError(
-            f"this model's maximum context length is {max_context} tokens, but the request needs "
-            f"{prompt_tokens + asked} ({prompt_tokens} in the prompt + {asked} in max_tokens); "
-            "shorten the prompt or lower max_tokens")
-    return asked
-
-
-def encode_request(tokenizer, request: GenerationRequest, name: str = "model") -> list[int]:
-    """Prompt token ids: the chat template for messages, BOS + text for a raw prompt."""
-    if request.messages is not None:
-        if tokenizer.chat_template is None:
-            raise ValueError(f"model {name!r} has no chat template; use /v1/completions")
-        text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True,
-                                             tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"]
-    return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
-
-
 # -- the engine --------------------------------------------------------------------------------
 
 
@@ -365,12 +330,23 @@ class VLLMEngine(Engine):
     def max_context(self) -> int:
         return self._max_context
 
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(encode_request(self.tokenizer, request, self.name))
+    def info(self) -> EngineInfo:
+        cfg = self.llm.model_config
+        return EngineInfo(
+            name=self.name, engine="vllm", batching="continuous", device="cuda",
+            dtype=str(cfg.dtype).removeprefix("torch."), num_parameters=0,
+            max_context=self._max_context, default_max_tokens=self.default_max_tokens,
+            attention={"attention": self.attention_backend}, adapters=tuple(sorted(self.adapters)),
+        )
 
-    def check_fits(self, request: GenerationRequest, prompt_tokens: int | None = None) -> int:
-        n = self.count_prompt_tokens(request) if prompt_tokens is None else prompt_tokens
-        return completion_budget(self._max_context, self.default_max_tokens, n, request.params.max_tokens)
+    def stats(self) -> dict:
+        return {"batch_sizes": list(self.batch_sizes), "cancelled": self.cancelled_total,
+                "memory": self.memory_stats()}
+
+    async def stream(self, admission: Admission) -> AsyncIterator[StreamDelta]:
+        async for step in self._stream_many([admission]):
+            if step[0] is not None:
+                yield step[0]
 
     def cancel(self, request_id: str) -> None:
         """The caller went away: cancel its vLLM stream (vLLM aborts the request on cancellation)."""
@@ -378,13 +354,14 @@ class VLLMEngine(Engine):
             for task in self._tasks.get(request_id, ()):
                 task.cancel()
 
-    async def stream_batch(self, requests: Sequence[GenerationRequest]) -> AsyncIterator[list[StreamDelta | None]]:
+    async def _stream_many(self, admissions: Sequence[Admission]) -> AsyncIterator[list[StreamDelta | None]]:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        prompts = [encode_request(self.tokenizer, r, self.name) for r in requests]
-        budgets = [self.check_fits(r, len(p)) for r, p in zip(requests, prompts)]
+        requests = [a.request for a in admissions]
+        prompts = [list(a.prompt_ids) for a in admissions]
+        budgets = [a.max_tokens for a in admissions]
         loras = [self._lora_request(getattr(r, "adapter", None)) for r in requests]
         self.batch_sizes.append(len(requests))
         states = [RequestState(prompt_tokens=len(p)) for p in prompts]
@@ -434,7 +411,8 @@ class VLLMEngine(Engine):
         if adapter is None:
             return None
         if adapter not in self.adapters:
-            raise ValueError(f"model {self.name!r} has no adapter {adapter!r}; it has {sorted(self.adapters)}")
+            raise UnknownAdapterError(f"model {self.name!r} has no adapter {adapter!r}; it has "
+                                      f"{sorted(self.adapters)}")
         from vllm.lora.request import LoRARequest
 
         lora_id, path = self.adapters[adapter]

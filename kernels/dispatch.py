@@ -98,7 +98,7 @@ def attention(q, k, v, *, causal=True, alibi_slopes=None, scale=None, kv_lo=None
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *, causal=True, alibi_slopes=None,
-                     scale=None):
+                     scale=None, autotune=True):
     """Packed variable-length attention [Tq, Hq, D] x [Tk, Hkv, D] -> [Tq, Hq, D]."""
     if use_triton_for(q, k, "varlen attention"):
         from .prefill import flash_attention_varlen
@@ -120,3 +120,28 @@ def decode(q, k_cache, v_cache, block_tables, context_lens, *, alibi_slopes=None
     return reference.paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens,
                                             alibi_slopes=alibi_slopes, scale=scale,
                                             compute_dtype=_compute_dtype(q))
+
+
+# -- provisional: replaced by the kernels branch (plan / write_kv / fixed-config prefill) --------
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Decision:
+    use_triton: bool
+    reason: str
+
+
+def plan(kernel, device, dtype, head_dim, num_heads, num_kv_heads) -> Decision:
+    ok, reason = choose(device)
+    if ok and dtype not in SUPPORTED_DTYPES:
+        ok, reason = False, f"dtype {dtype}"
+    if ok and head_dim not in SUPPORTED_HEAD_DIMS:
+        ok, reason = False, f"head_dim {head_dim}"
+    return Decision(ok, reason)
+
+
+def write_kv(key, value, k_cache, v_cache, slot_mapping):
+    from .kv_cache import write_kv_cache
+
+    write_kv_cache(key, value, k_cache, v_cache, slot_mapping)

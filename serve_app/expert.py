@@ -1,145 +1,128 @@
-"""The expert deployment: one engine per replica, concurrent requests batched into one call.
+"""The expert deployment: one engine per replica, requests translated to the engine contract.
 
-Thin by design: it validates a request against the engine's context, hands it to the batcher,
-and translates the engine's deltas back to the caller. Streaming and non-streaming requests share
-batches.
+Thin by design: it admits a request (the engine tokenizes and fits it, failing it alone), then
+feeds it to the engine — straight into the engine's own loop for an engine that batches itself
+(the paged engine, vLLM: newcomers join the running batch at its next step), or through Serve's
+batcher for a static-batch engine — and translates the engine's deltas back to the caller.
+Streaming and non-streaming requests share batches. It calls nothing but the contract in
+frugalserve.experts.engine; the engine factory is injected, so a test can run it with a fake.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from frugalserve.experts.engine import Completion, GenerationRequest, StreamDelta
-from frugalserve.experts.memory import TokenLedger, profile_model
+from frugalserve.experts.engine import Admission, Completion, Engine, GenerationRequest, StreamDelta
 from frugalserve.experts.spec import ExpertSpec, default_cost_per_1k
+from frugalserve.serve_app.metrics import expert_metrics
 from ray import serve
 
 logger = logging.getLogger("ray.serve")
 
+EngineFactory = Callable[[ExpertSpec, float], Engine]
 
-def _load_engine(spec: ExpertSpec):
-    if spec.engine == "vllm":  # the spec validator already checked vllm is installed
-        from frugalserve.experts.vllm_engine import VLLMEngine
 
-        return VLLMEngine.from_spec(spec)
-    from frugalserve.experts.transformers_engine import TransformersEngine
+def _default_factory(spec: ExpertSpec, gpu_share: float) -> Engine:
+    from frugalserve.experts.loader import build_engine  # torch: loaded in the replica only
 
-    return TransformersEngine.from_spec(spec)
+    return build_engine(spec, gpu_share)
 
 
 class ExpertServer:
     """Serve deployment class for one expert; `build_app` wraps it with `serve.deployment`."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, engine_factory: EngineFactory | None = None):
         self.spec = ExpertSpec.model_validate(spec)
-        import torch
-
-        torch.set_num_threads(max(1, int(self.spec.resources.num_cpus)))
-        self.engine = _load_engine(self.spec)
+        _limit_threads(self.spec.resources.num_cpus)
+        gpu_share = self.spec.resources.num_gpus if self.spec.resources.num_gpus > 0 else 1.0
+        self.engine: Engine = (engine_factory or _default_factory)(self.spec, gpu_share)
         self._batched.set_max_batch_size(self.spec.batching.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_s)
-        params = getattr(self.engine, "num_parameters", 0)
+        self.engine_info = self.engine.info()
+        params = self.engine_info.num_parameters
         self.cost_in = self.spec.cost_per_1k_prompt
         self.cost_out = self.spec.cost_per_1k_completion
         if self.cost_in is None:
             self.cost_in = default_cost_per_1k(params)
         if self.cost_out is None:
             self.cost_out = default_cost_per_1k(params)
-        self.num_parameters = params
-        self.memory, self.ledger = self._profile_memory()
+        self.memory = self.engine.memory_profile()
+        if self.memory is not None:
+            logger.info("expert %s memory: %s", self.spec.name, self.memory.as_dict())
         self._in_flight = 0
-        from frugalserve.serve_app.metrics import expert_metrics
-
         self._metrics = expert_metrics()
         self._tags = {"expert": self.spec.name}
-        self._weight_bytes = float(self.engine.memory_stats().get("weight_bytes", 0.0))
-        logger.info("expert %s ready (pid %d)", self.spec.name, os.getpid())
+        self._weight_bytes = self.engine.weight_bytes()
+        logger.info("expert %s ready (pid %d): %s batching, attention %s", self.spec.name,
+                    os.getpid(), self.engine_info.batching, self.engine_info.attention)
 
     def info(self) -> dict:
+        e = self.engine_info
         return {
             "name": self.spec.name,
             "model": self.spec.model,
             "engine": self.spec.engine,
-            "max_context": self.engine.max_context,
-            "max_tokens_default": self.spec.max_tokens_default,
-            "num_parameters": self.num_parameters,
+            "batching": e.batching,
+            "device": e.device,
+            "dtype": e.dtype,
+            "max_context": e.max_context,
+            "max_tokens_default": e.default_max_tokens,
+            "num_parameters": e.num_parameters,
             "cost_per_1k_prompt": self.cost_in,
             "cost_per_1k_completion": self.cost_out,
-            "attention_backend": getattr(self.engine, "attention_backend", "unknown"),
+            "attention": dict(e.attention),
             "description": self.spec.description,
             "memory": self.memory.as_dict() if self.memory is not None else None,
-            "quantization": getattr(self.engine, "quantization", "none"),
-            "adapters": list(getattr(self.engine, "adapters", [])),
-            "weight_bytes": self.engine.memory_stats().get("weight_bytes"),
+            "quantization": e.quantization,
+            "adapters": list(e.adapters),
+            "weight_bytes": self._weight_bytes,
+            "engine_details": dict(e.details),
         }
 
     def stats(self) -> dict:
-        """Engine call sizes so far (how well batching works) and memory facts."""
+        """The engine's counters (batch sizes, steps, cache use) and the replica's load."""
         return {
-            "batch_sizes": list(getattr(self.engine, "batch_sizes", [])),
-            "cancelled": getattr(self.engine, "cancelled_total", 0),
+            **self.engine.stats(),
             "in_flight": self._in_flight,
             "memory_profile": self.memory.as_dict() if self.memory is not None else None,
-            "tokens": self.ledger.snapshot() if self.ledger is not None else None,
-            "memory": self.engine.memory_stats(),
+            "load": self.engine.load_stats(),
             "pid": os.getpid(),
         }
 
-    def count_tokens(self, request: GenerationRequest) -> int:
-        return self.engine.count_prompt_tokens(request)
-
     async def generate(self, request: GenerationRequest) -> Completion:
-        self._admit(request)  # fail this request alone, before it joins a batch
-        self._enter()
-        try:
-            async for delta in self._source(request):
+        async with contextlib.aclosing(self.generate_stream(request)) as stream:
+            async for delta in stream:
                 if delta.completion is not None:
                     return delta.completion  # leave now, not after the batch's next step
-        except (asyncio.CancelledError, GeneratorExit):
-            self.engine.cancel(request.request_id)
-            raise
-        finally:
-            self._leave()
-            self._unqueue(request)
         raise RuntimeError("the engine ended the request without a completion")
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        self._admit(request)
+        admission = self.engine.admit(request)  # fails this request alone, before any batch
         self._enter()
+        done = False
         try:
-            async for delta in self._source(request):
+            async for delta in self._source(admission):
+                done = delta.completion is not None
                 yield delta
-                if delta.completion is not None:
+                if done:
                     return
         except (asyncio.CancelledError, GeneratorExit):
-            # The caller went away mid-stream: free its place in the batch.
-            self.engine.cancel(request.request_id)
+            if not done:  # the caller went away: free its place in the batch and its cache
+                self.engine.cancel(request.request_id)
             raise
         finally:
             self._leave()
-            self._unqueue(request)
+            self.engine.release(admission)
 
-    def _source(self, request: GenerationRequest):
-        """Where a request's deltas come from: our batcher, or, for an engine that batches
-        itself (vLLM's continuous batching), the engine directly, so Serve's one-batch-at-a-time
-        batcher does not hold new requests back."""
-        if getattr(self.engine, "batches_itself", False):
-            return self.engine.stream(request)
-        return self._batched(request)
-
-    def _profile_memory(self):
-        """Measure memory per token once, before serving (the autoscaler reads it)."""
-        model = getattr(self.engine, "model", None)
-        if model is None:  # an engine without a torch model (vLLM): no memory metrics, Serve holds
-            return None, None
-        a = self.spec.autoscaling
-        profile = profile_model(model, memory_fraction=a.memory_fraction,
-                                memory_budget_bytes=a.memory_budget_bytes, name=self.spec.name)
-        logger.info("expert %s memory: %s", self.spec.name, profile.as_dict())
-        return profile, TokenLedger.for_profile(profile)
+    def _source(self, admission: Admission) -> AsyncIterator[StreamDelta]:
+        """Where a request's deltas come from: the engine's own loop, or Serve's batcher."""
+        if self.engine.batches_itself:
+            return self.engine.stream(admission)
+        return self._batched(admission)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this on every replica; frugalserve.cluster.autoscaling reads it. The
@@ -149,25 +132,15 @@ class ExpertServer:
     def _publish_gauges(self) -> dict[str, float]:
         """Set the memory gauges (on every autoscaling report and health check, so a scrape
         always finds them) and return the autoscaling stats."""
-        stats = self.ledger.autoscaling_stats() if self.ledger is not None else {}
+        stats = self.engine.load_stats()
+        for size in self.engine.drain_step_sizes():  # continuous engines: one per engine step
+            self._metrics["batch_size"].observe(size, self._tags)
         for name, value in stats.items():
             if name in self._metrics:
                 self._metrics[name].set(value, self._tags)
         self._metrics["frugalserve_weight_bytes"].set(self._weight_bytes, self._tags)
         self._metrics["queue_depth"].set(self._in_flight, self._tags)
         return stats
-
-    def _admit(self, request: GenerationRequest) -> None:
-        """Check the request fits (failing it alone, before it joins a batch) and count its
-        prompt in the token ledger, queued until its batch starts."""
-        prompt_tokens = self.engine.count_prompt_tokens(request)
-        self.engine.check_fits(request, prompt_tokens)
-        if self.ledger is not None:
-            self.ledger.add(id(request), prompt_tokens)
-
-    def _unqueue(self, request: GenerationRequest) -> None:
-        if self.ledger is not None:  # a running batch keeps its rows until it ends (_batched)
-            self.ledger.release_if_queued(id(request))
 
     def _enter(self) -> None:
         self._in_flight += 1
@@ -177,25 +150,24 @@ class ExpertServer:
         self._in_flight -= 1
         self._metrics["queue_depth"].set(self._in_flight, self._tags)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _batched(self, requests: list[GenerationRequest]):
-        self._metrics["batch_size"].observe(len(requests), self._tags)
-        keys, ledger = [id(r) for r in requests], self.ledger
-        if ledger is not None:
-            ledger.start(keys)
-        try:
-            async for step in self.engine.stream_batch(requests):
-                if ledger is not None:
-                    for key, d in zip(keys, step):
-                        if d is not None:  # one decoding step: one more token per live row
-                            ledger.advance(key)
-                yield [StopIteration if d is None else d for d in step]
-        finally:
-            if ledger is not None:  # the batch's cache is freed now, finished rows included
-                for key in keys:
-                    ledger.release(key)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # sizes set per spec in __init__
+    async def _batched(self, admissions: list[Admission]):
+        async for step in self._batch_steps(admissions):
+            yield step
+
+    async def _batch_steps(self, admissions: list[Admission]):
+        """One static batch through the engine; Serve's batcher streams slot i to caller i."""
+        self._metrics["batch_size"].observe(len(admissions), self._tags)
+        async for step in self.engine.stream_batch(admissions):
+            yield [StopIteration if d is None else d for d in step]
 
     async def check_health(self) -> None:
         if self.engine is None:
             raise RuntimeError("engine not loaded")
         self._publish_gauges()
+
+
+def _limit_threads(num_cpus: float) -> None:
+    import torch  # the replica's torch; the router never imports it
+
+    torch.set_num_threads(max(1, int(num_cpus)))

@@ -48,7 +48,8 @@ def expert_metrics():
     from ray.serve.metrics import Gauge, Histogram
 
     return {
-        "batch_size": Histogram("frugalserve_batch_size", "requests per engine call",
+        "batch_size": Histogram("frugalserve_batch_size", "sequences per engine step "
+                                "(continuous batching) or requests per engine call (static)",
                                 boundaries=BATCH_BUCKETS, tag_keys=("expert",)),
         "queue_depth": Gauge("frugalserve_queue_depth",
                              "requests waiting for or running in the engine",

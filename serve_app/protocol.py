@@ -75,6 +75,8 @@ class _Common(BaseModel):
     presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported (must be 0)")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported (must be 0)")
     user: str | None = None
+    ignore_eos: bool = Field(False, description="vLLM's: generate through end-of-sequence tokens")
+    min_tokens: int = Field(0, ge=0, description="vLLM's: no end token before this many tokens")
     frugalserve: RoutingOptions | None = None
 
     @field_validator("stop")
@@ -88,6 +90,13 @@ class _Common(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
+
+    @model_validator(mode="after")
+    def _min_tokens_fit(self):
+        wanted = self.wanted_tokens()
+        if wanted is not None and self.min_tokens > wanted:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({wanted})")
+        return self
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):

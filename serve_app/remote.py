@@ -30,7 +30,8 @@ class RemoteExpert:
             "max_context": s.max_context or 4096, "max_tokens_default": s.max_tokens_default,
             "num_parameters": 0, "cost_per_1k_prompt": s.cost_per_1k_prompt,
             "cost_per_1k_completion": s.cost_per_1k_completion,
-            "attention_backend": "remote", "description": s.description,
+            "batching": "remote", "attention": {"attention": "remote"},
+            "description": s.description,
         }
 
     async def generate(self, request: GenerationRequest) -> Completion:

@@ -58,7 +58,7 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def _to_api_error(exc: BaseException, expert: str, prompt_param: str = "messages") -> APIError:
-    from frugalserve.experts.transformers_engine import PromptTooLongError
+    from frugalserve.experts.engine import EngineError, PromptTooLongError
     from frugalserve.serve_app.remote import RemoteExpertError
     from ray.serve.exceptions import BackPressureError
 
@@ -72,6 +72,8 @@ def _to_api_error(exc: BaseException, expert: str, prompt_param: str = "messages
         return APIError(400, str(inner), param=prompt_param, code="context_length_exceeded")
     if isinstance(inner, RemoteExpertError):
         return APIError(503, str(inner), type="server_error", code="expert_unavailable")
+    if isinstance(inner, EngineError):
+        return APIError(400, f"expert {expert!r} rejected the request: {inner}")
     if isinstance(inner, (ValueError, UnsupportedParameter)):
         return APIError(400, f"expert {expert!r} rejected the request: {inner}")
     if isinstance(inner, asyncio.TimeoutError):
@@ -236,7 +238,8 @@ class Router:
                     "kind": "expert", "num_parameters": info["num_parameters"],
                     "cost_per_1k_prompt": info["cost_per_1k_prompt"],
                     "cost_per_1k_completion": info["cost_per_1k_completion"],
-                    "engine": info["engine"], "attention_backend": info["attention_backend"],
+                    "engine": info["engine"], "batching": info["batching"],
+                    "attention": info["attention"],
                     **({"adapter_of": info["adapter_of"]} if "adapter_of" in info else {}),
                 },
             })
@@ -277,7 +280,8 @@ class Router:
     @staticmethod
     def _params(body, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
-                              top_p=body.top_p, stop=body.stops(), seed=body.seed)
+                              top_p=body.top_p, stop=body.stops(), seed=body.seed,
+                              ignore_eos=body.ignore_eos, min_tokens=body.min_tokens)
 
     async def _respond(self, kind, name, request, body, raw: Request, chat: bool):
         header = raw.headers.get(SESSION_HEADER)

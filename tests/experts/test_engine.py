@@ -1,4 +1,5 @@
-"""The transformers engine without Ray: logprobs, batching with left padding, stops, limits."""
+"""Both transformers engines without Ray — the plain static-batch engine and the continuous-
+batching paged engine — on the same contract: logprobs, batching, stops, limits, seeds."""
 
 from __future__ import annotations
 
@@ -6,17 +7,30 @@ import asyncio
 
 import pytest
 import torch
-from frugalserve.experts.engine import GenerationRequest, SamplingParams
+from frugalserve.experts.engine import GenerationRequest, PromptTooLongError, SamplingParams
+from frugalserve.experts.paged.engine import PagedConfig, PagedEngine
 from frugalserve.experts.spec import resolve_model_path
-from frugalserve.experts.transformers_engine import PromptTooLongError, TransformersEngine
+from frugalserve.experts.transformers_engine import TransformersEngine
 
 MODELS = ["demo-llama", "demo-falcon"]
+ENGINES = ["static", "paged"]
 
 
-@pytest.fixture(scope="module", params=MODELS)
+def load(kind: str, name: str, **kwargs):
+    path = resolve_model_path(f"builtin:{name}")
+    if kind == "static":
+        return TransformersEngine.from_path(path, device="cpu", dtype="float32", **kwargs)
+    return PagedEngine.from_path(path, device="cpu", dtype="float32",
+                                 config=PagedConfig(max_num_seqs=8, page_size=4), **kwargs)
+
+
+@pytest.fixture(scope="module", params=[(k, m) for k in ENGINES for m in MODELS],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def engine(request):
-    return TransformersEngine.from_path(resolve_model_path(f"builtin:{request.param}"),
-                                        device="cpu", dtype="float32")
+    engine = load(*request.param)
+    yield engine
+    if hasattr(engine, "close"):
+        engine.close()
 
 
 def run(engine, requests):
@@ -92,7 +106,7 @@ def test_top_p_tiny_is_greedy(engine):
 def test_streaming_pieces_add_up_to_the_completion(engine):
     async def collect():
         pieces, final = [], None
-        async for d in engine.stream(chat("stream me", max_tokens=10)):
+        async for d in engine.stream(engine.admit(chat("stream me", max_tokens=10))):
             pieces.append(d.text)
             final = d.completion or final
         return pieces, final
@@ -114,6 +128,7 @@ def test_default_max_tokens_is_capped_by_the_context(engine):
     assert c.completion_tokens <= engine.default_max_tokens
 
 
-def test_missing_model_folder_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("cls", [TransformersEngine, PagedEngine])
+def test_missing_model_folder_is_a_clear_error(tmp_path, cls):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        TransformersEngine.from_path(tmp_path / "nope")
+        cls.from_path(tmp_path / "nope")

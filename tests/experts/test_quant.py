@@ -42,7 +42,7 @@ def test_quantized_answers_stay_close(full, kind, agree_at_least, size_at_most):
     assert agree >= agree_at_least, agree
     bf16_matrices = linear_weight_bytes(full.model) / 2  # float32 -> bfloat16
     assert linear_weight_bytes(q.model) <= size_at_most * bf16_matrices
-    assert q.memory_stats()["weight_bytes"] < full.memory_stats()["weight_bytes"] / 2
+    assert q.weight_bytes() < full.weight_bytes() / 2
     assert q.quantization == kind
 
 

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from frugalserve.experts import vllm_engine as ve
-from frugalserve.experts.engine import SamplingParams
+from frugalserve.experts.engine import PromptTooLongError, SamplingParams, completion_budget
 from frugalserve.experts.spec import ExpertSpec
-from frugalserve.experts.transformers_engine import PromptTooLongError
 from frugalserve.kernels import alibi_slopes, vllm_backend
 from frugalserve.kernels.reference import attention_reference
 
@@ -104,13 +103,13 @@ def test_sampling_kwargs():
 
 
 def test_completion_budget():
-    assert ve.completion_budget(100, 64, 90, None) == 10
-    assert ve.completion_budget(100, 64, 10, None) == 64
-    assert ve.completion_budget(100, 64, 10, 90) == 90
+    assert completion_budget(100, 64, 90, None) == 10
+    assert completion_budget(100, 64, 10, None) == 64
+    assert completion_budget(100, 64, 10, 90) == 90
     with pytest.raises(PromptTooLongError, match="needs 101"):
-        ve.completion_budget(100, 64, 10, 91)
+        completion_budget(100, 64, 10, 91)
     with pytest.raises(PromptTooLongError, match="prompt alone takes 100"):
-        ve.completion_budget(100, 64, 100, None)
+        completion_budget(100, 64, 100, None)
 
 
 # -- merging vLLM outputs -----------------------------------------------------------------------

@@ -126,10 +126,13 @@ def test_streaming_completion_over_sse_ends_with_done(http):
     assert chunks[-1]["frugalserve"]["answered_by"] == "demo-falcon"
 
 
-def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(app_url, local_engine):
+def test_static_engine_batches_concurrent_requests_and_each_gets_its_own_answer(app_url,
+                                                                               local_engine):
+    # demo-llama serves a LoRA adapter, so it runs on the static-batch engine (Serve's batcher).
     from ray import serve
 
     handle = serve.get_deployment_handle("expert-demo-llama", app_name="frugalserve")
+    assert handle.info.remote().result()["batching"] == "static"
     before = len(handle.stats.remote().result()["batch_sizes"])
     prompts = [f"Question number {i}: what is {i} + {i}?" for i in range(16)]
 
@@ -142,14 +145,58 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(app_url, l
 
     responses = asyncio.run(fire())
     sizes = handle.stats.remote().result()["batch_sizes"][before:]
-    assert sum(sizes) == 16
-    assert len(sizes) < 16, f"16 requests took {len(sizes)} engine calls: {sizes}"
+    assert sum(sizes) == 16  # every request ran in exactly one engine call
     expected = asyncio.run(local_engine.generate([
         GenerationRequest(messages=({"role": "user", "content": p},),
                           params=SamplingParams(max_tokens=6)) for p in prompts]))
     for r, want in zip(responses, expected):
         assert r.status_code == 200
         assert r.json()["choices"][0]["message"]["content"] == want.text
+
+
+def test_continuous_batching_admits_newcomers_while_others_decode(app_url):
+    # demo-falcon runs on the paged engine: a long request is streaming (mid-decode) when 15
+    # more arrive one after another; they join its running batch, and each answer is its solo
+    # answer.
+    from ray import serve
+
+    handle = serve.get_deployment_handle("expert-demo-falcon", app_name="frugalserve")
+    assert handle.info.remote().result()["batching"] == "continuous"
+    prompts = [f"Question number {i}: reverse the word batch{i}" for i in range(15)]
+
+    def body(p, **kw):
+        return {"model": "demo-falcon", "temperature": 0, "max_tokens": 8,
+                "messages": [{"role": "user", "content": p}], **kw}
+
+    with httpx.Client(base_url=app_url, timeout=120) as c:
+        solo = [c.post("/v1/chat/completions", json=body(p)).json() for p in prompts]
+    before = handle.stats.remote().result()
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=app_url, timeout=120) as c:
+            long_body = body("a long story", max_tokens=90, ignore_eos=True, stream=True)
+            async with c.stream("POST", "/v1/chat/completions", json=long_body) as s:
+                lines = s.aiter_lines()
+                while '"content":"' not in (await lines.__anext__()):
+                    pass  # the long request is decoding now
+
+                async def late(i, p):
+                    await asyncio.sleep(0.01 * i)
+                    return await c.post("/v1/chat/completions", json=body(p))
+
+                answers = await asyncio.gather(*(late(i, p) for i, p in enumerate(prompts)))
+                rest = [line async for line in lines]
+            return answers, rest
+
+    answers, rest = asyncio.run(fire())
+    after = handle.stats.remote().result()
+    assert [line for line in rest if line][-1] == "data: [DONE]"
+    assert after["mixed_steps"] > before["mixed_steps"], "no newcomer joined a decoding batch"
+    assert after["max_running_batch"] > 1
+    for r, want in zip(answers, solo):
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == \
+            want["choices"][0]["message"]["content"]
 
 
 def test_default_model_alias(http):

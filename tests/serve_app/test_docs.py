@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from frugalserve.experts.spec import AutoscalingSpec, BatchingConfig, ExpertSpec, ReplicaResources
+from frugalserve.experts.spec import (
+    AutoscalingSpec,
+    BatchingConfig,
+    ExpertSpec,
+    KVCacheConfig,
+    ReplicaResources,
+)
 from frugalserve.serve_app.config import AppConfig, RouterConfig, RoutingConfig
 
 from tests.conftest import REPO
@@ -16,6 +22,7 @@ def test_every_config_field_is_documented():
     expected += [f"`{n}`" for n in ExpertSpec.model_fields if n not in ("batching", "resources")]
     expected += [f"`batching.{n}`" for n in BatchingConfig.model_fields]
     expected += [f"`resources.{n}`" for n in ReplicaResources.model_fields]
+    expected += [f"`kv_cache.{n}`" for n in KVCacheConfig.model_fields]
     expected += [f"`autoscaling.{n}`" for n in AutoscalingSpec.model_fields]
     missing = [e for e in expected if e not in doc]
     assert not missing, f"docs/configuration.md lacks {missing}"

@@ -1,0 +1,62 @@
+"""The engine an expert spec asks for: vLLM, the continuous-batching paged engine, or the plain
+static-batch transformers engine — decided here, once, and logged with the reason."""
+
+from __future__ import annotations
+
+import logging
+
+from frugalserve.experts.engine import Engine
+from frugalserve.experts.spec import ExpertSpec, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+
+def build_engine(spec: ExpertSpec, gpu_share: float = 1.0) -> Engine:
+    """Load `spec`'s model into the engine that serves it. `gpu_share`: the fraction of its
+    GPU the replica was given (Ray's `num_gpus`), which sizes the paged engine's KV cache."""
+    if spec.engine == "vllm":
+        from frugalserve.experts.vllm_engine import VLLMEngine  # vllm: an optional extra
+
+        return VLLMEngine.from_spec(spec)
+    from frugalserve.experts.paged.engine import PagedConfig, PagedEngine
+    from frugalserve.experts.paged.models import UnsupportedModel, paged_model_for
+    from frugalserve.experts.transformers_engine import (
+        TransformersEngine,
+        load_model,
+        model_context_limit,
+    )
+
+    adapters = {n: resolve_model_path(p) for n, p in spec.adapters.items()}
+    model, tokenizer = load_model(spec.model_path, device=spec.device, dtype=spec.dtype,
+                                  quantization=spec.quantization, double_quant=spec.double_quant,
+                                  adapters=adapters)
+    common = dict(max_context=spec.max_context, name=spec.name,
+                  default_max_tokens=spec.max_tokens_default, quantization=spec.quantization)
+    mode, reason = spec.batching.continuous, "batching.continuous: off"
+    if mode != "off":
+        try:
+            limit = min(spec.max_context or model_context_limit(model.config),
+                        model_context_limit(model.config))
+            paged = paged_model_for(model, limit)
+        except UnsupportedModel as exc:
+            if mode == "on":
+                raise ValueError(f"expert {spec.name!r}: batching.continuous is 'on' but {exc}") from exc
+            reason = str(exc)
+        else:
+            b, a = spec.batching, spec.autoscaling
+            config = PagedConfig(
+                max_num_seqs=b.max_batch_size, max_num_batched_tokens=b.max_batched_tokens,
+                admission_delay_s=b.admission_delay_s, page_size=spec.kv_cache.page_size,
+                memory_fraction=a.memory_fraction, memory_budget_bytes=a.memory_budget_bytes,
+                gpu_share=gpu_share,
+                cuda_graphs=spec.kv_cache.cuda_graphs and spec.quantization == "none")
+            engine = PagedEngine(model, tokenizer, config=config, paged=paged, **common)
+            logger.info("expert %s: continuous batching (paged engine, %s)", spec.name,
+                        engine.info().attention)
+            return engine
+    logger.info("expert %s: static batching (%s)", spec.name, reason)
+    dev = next(model.parameters()).device
+    return TransformersEngine(
+        model, tokenizer, adapters=list(adapters), use_kernels=dev.type == "cuda" and not adapters,
+        memory_fraction=spec.autoscaling.memory_fraction,
+        memory_budget_bytes=spec.autoscaling.memory_budget_bytes, static_reason=reason, **common)
