@@ -168,8 +168,13 @@ def kernel_report(model) -> str:
     """What attention runs for `model` where it is now (device, dtype) and why: the prefill kernel's
     decision (transformers' attention calls go through it, decode steps included)."""
     param = next(model.parameters())
-    head_dim, heads, kv_heads = _head_layout(model.config)
-    d = dispatch.decide("prefill", param.device, param.dtype, head_dim, heads, kv_heads)
+    try:
+        head_dim, heads, kv_heads = _head_layout(model.config)
+        d = dispatch.decide("prefill", param.device, param.dtype, head_dim, heads, kv_heads)
+    except (AttributeError, TypeError, ValueError) as exc:  # a config without the usual head fields
+        ok, reason = dispatch.choose(param.device)
+        return (f"{'triton kernels' if ok else 'reference path'}: {reason}; head layout not read from the "
+                f"config ({exc}), each call decides from its tensors")
     return f"{'triton kernels' if d.use_triton else 'reference path'}: {d.reason}"
 
 

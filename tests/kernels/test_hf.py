@@ -155,3 +155,11 @@ def test_enable_reports_what_runs(monkeypatch):
     assert falcon.startswith("falcon ALiBi adapter on 2") and "head_dim 32, 4/1 heads supported" in falcon
     assert "4/2 heads" in hf.enable_for_model(_falcon("gqa").half())
     assert "4/4 heads" in hf.enable_for_model(_falcon("mha").half())
+
+
+def test_report_without_head_fields():
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(2, 2)
+    model.config = SimpleNamespace(model_type="custom")
+    assert "head layout not read from the config" in hf.kernel_report(model)
