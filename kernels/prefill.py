@@ -27,10 +27,11 @@ MAX_PACK = 16  # query heads per tile at most; larger groups are split into chun
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), one list per BLOCK_D class. A 256-wide head doubles the
 # Q/K/V tiles and the fp32 accumulator (BLOCK_M * BLOCK_D / (32 * num_warps) floats per thread).
-# Compiled offline for sm90 (benchmarks/kernel_resources.py, Triton 3.9, causal + ALiBi, bf16): every shape needs 32-96 KB of
-# shared memory (sm90 has 227 KB, sm80 163 KB); registers are the limit. The BLOCK_D 256 list keeps the
-# shapes spilling <= 352 bytes per thread (the fixed one 104); (64, 64, *, *) spills 640-1240 there.
-# The d <= 128 list is the one measured on H200 (spills 24-3272 bytes; the autotuner picks).
+# Compiled offline for sm90 (benchmarks/kernel_resources.py; Triton 3.9, causal + ALiBi, bf16), every
+# shape needs 32-96 KB of shared memory (sm90 has 227 KB, sm80 163 KB): registers are the limit. The
+# BLOCK_D 256 list keeps the shapes spilling <= 352 bytes per thread (the fixed one 104); (64, 64, *, *)
+# spills 640-1240 there. The d <= 128 list is the one measured on H200 (spills 24-3272 bytes at d 128;
+# the autotuner picks).
 _TUNE_SHAPES = {
     128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4),
           (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (256, 64, 8, 3), (256, 128, 8, 2),
