@@ -167,7 +167,8 @@ def _head_layout(config) -> tuple[int, int, int]:
 def kernel_report(model) -> str:
     """What attention runs for `model` where it is now (device, dtype) and why: the prefill kernel's
     decision (transformers' attention calls go through it, decode steps included)."""
-    param = next(model.parameters())
+    params = list(model.parameters())
+    param = next((p for p in params if p.is_floating_point()), params[0])  # not a quantized int8 weight
     try:
         head_dim, heads, kv_heads = _head_layout(model.config)
         d = dispatch.decide("prefill", param.device, param.dtype, head_dim, heads, kv_heads)
