@@ -128,7 +128,7 @@ def decode_block_n(head_dim: int) -> int:
 def _num_warps(block_r: int, block_d: int) -> int:
     # Compiled for sm90 (benchmarks/kernel_resources.py, Triton 3.9): with 4 warps a 128 x 128 or 64 x 256
     # tile of query rows x head dim spills 0.5-1.6 KB per thread, with 8 warps nothing; smaller tiles
-    # spill <= 200 bytes with 4 (16 x 128, the default measured on H200, spills 112).
+    # spill <= 224 bytes with 4 (16 x 128, the default measured on H200, spills 112).
     return 4 if block_r * block_d <= 64 * 128 else 8
 
 
