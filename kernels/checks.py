@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import torch
 
-SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128)
+# Every multiple of 8 up to 256: the kernels tile the head dim with a power-of-two BLOCK_D (>= 16,
+# tl.dot's smallest K) and mask the rest; a multiple of 8 keeps each fp16/bf16 row 16-byte aligned.
+SUPPORTED_HEAD_DIMS = tuple(range(8, 257, 8))
+HEAD_DIMS_TEXT = "multiples of 8 from 8 to 256"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def check_head_dim(d: int) -> None:
+def head_dim_problem(d: int) -> str | None:
+    """None when the attention kernels take head_dim `d`, else why not."""
     if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {d} is not supported (supported: {SUPPORTED_HEAD_DIMS})")
+        return f"head_dim {d} is not supported (supported: {HEAD_DIMS_TEXT})"
+    return None
+
+
+def check_head_dim(d: int) -> None:
+    problem = head_dim_problem(d)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def check_heads(num_heads: int, num_kv_heads: int) -> int:
@@ -44,10 +55,14 @@ def check_slopes(slopes: torch.Tensor | None, num_heads: int, device: torch.devi
 
 
 def check_index(name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> torch.Tensor:
+    """`t` itself when it is int32 with a unit last stride (no copy, so CUDA-graph buffers stay the
+    ones the kernel reads); an int32 contiguous copy otherwise."""
     if t.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if t.dtype == torch.int32 and (t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] <= 1):
+        return t
     return t.to(torch.int32).contiguous()

@@ -4,6 +4,8 @@ One program per (sequence, KV head, context split): the Lq*G query rows that rea
 (Lq new tokens x G packed query heads) share every K/V tile it loads. Splits write partial
 (acc, max, sum) in fp32 and a second kernel reduces them, so a small batch with a long context still
 fills the GPU. The KV cache is [num_pages, page_size, Hkv, D] (vLLM's flash layout), any page size.
+Head dims: checks.SUPPORTED_HEAD_DIMS, padded to a power-of-two BLOCK_D and masked; the key tile BLOCK_N
+shrinks for 256-wide heads (decode_block_n) so K/V tiles keep the size they have at d 128.
 """
 
 from __future__ import annotations
@@ -117,6 +119,19 @@ def _reduce_kernel(PartO, PartML, Out, stride_ob, stride_ot, stride_oh, num_head
              mask=offs_d < HEAD_DIM)
 
 
+def decode_block_n(head_dim: int) -> int:
+    """Keys per tile: 64 up to BLOCK_D 128 (measured on H200 at d 128), 32 beyond, so a K or V tile
+    stays 16 KB at bf16 (BLOCK_N x BLOCK_D x 2 bytes)."""
+    return 64 if triton.next_power_of_2(head_dim) <= 128 else 32
+
+
+def _num_warps(block_r: int, block_d: int) -> int:
+    # Compiled for sm90 (benchmarks/kernel_resources.py, Triton 3.9): with 4 warps a 128 x 128 or 64 x 256
+    # tile of query rows x head dim spills 0.5-1.6 KB per thread, with 8 warps nothing; smaller tiles
+    # spill <= 224 bytes with 4 (16 x 128, the default measured on H200, spills 112).
+    return 4 if block_r * block_d <= 64 * 128 else 8
+
+
 def default_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int = 64,
                        num_sms: int = 132) -> int:
     """The most splits that keep the grid within one wave of ~4 programs per SM (measured on H200: B=16,
@@ -136,15 +151,30 @@ def paged_decode_attention(
     scale: float | None = None,
     max_context_len: int | None = None,
     num_splits: int | None = None,
-    block_n: int = 64,
-    num_warps: int = 4,
+    block_n: int | None = None,
+    num_warps: int | None = None,
     num_stages: int = 2,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, Lq, Hq, D]: the last Lq tokens of each sequence, whose K/V are already in the cache;
     k/v_cache [num_pages, page_size, Hkv, D]; block_tables [B, max_pages] int32; context_lens [B]
     (cached tokens, new ones included). Returns [B, Lq, Hq, D]; semantics of
-    reference.paged_decode_reference. `max_context_len` avoids a device sync when given."""
+    reference.paged_decode_reference. A row with context_lens 0 (a padded row) returns zeros and
+    reads neither its block-table row nor the cache.
+
+    `max_context_len` bounds every context_lens entry (tokens past it are not read); when None it
+    is `context_lens.max()`, a device-to-host sync. `num_splits` (None: from the batch shape,
+    max_context_len and the SM count, all host values) and `block_n` (None: decode_block_n(D)) set
+    the grid, which depends on nothing else.
+
+    CUDA-graph capture: capture-safe (no host sync, no host-to-device copy, nothing outside the
+    stream) when `max_context_len` is given (an int, the bucket's bound), `block_tables` and
+    `context_lens` are int32 with a unit last stride (they are read in place, not copied: the
+    graph sees later writes into them), `alibi_slopes` is None or float32 on q's device, and
+    `out` (optional) is given for a static output; pass `num_splits` as well so that the captured
+    grid does not depend on the SM count. Replays then take any q, cache, block_tables and
+    context_lens values written into the same buffers with every context_lens <= max_context_len.
+    int64 index tensors are converted on the stream (capturable, but a copy per call)."""
     if q.dim() != 4:
         raise ValueError(f"q must be [B, Lq, Hq, D], got {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -167,10 +197,17 @@ def paged_decode_attention(
     slopes = check_slopes(alibi_slopes, Hq, q.device)
     if out is None:
         out = torch.empty(B, Lq, Hq, D, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous last dim")
+    if block_n is None:
+        block_n = decode_block_n(D)
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if B == 0:
         return out
     if max_context_len is None:
         max_context_len = int(context_lens.max())
+    max_context_len = int(max_context_len)
     if max_context_len > block_tables.shape[1] * page:
         raise ValueError(f"context of {max_context_len} tokens does not fit {block_tables.shape[1]} pages of {page}")
     if num_splits is None:
@@ -187,6 +224,8 @@ def paged_decode_attention(
     else:
         part_o = part_ml = out
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if num_warps is None:
+        num_warps = _num_warps(block_r, block_d)
     if os.environ.get("TRITON_INTERPRET") == "1":
         num_stages = 1
     _decode_kernel[(B, Hkv, num_splits)](

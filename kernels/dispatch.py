@@ -1,10 +1,12 @@
 """The one place that decides between the Triton kernels and the PyTorch reference.
 
 Rule: Triton on CUDA devices of compute capability >= 8.0 when `triton` imports; the reference
-everywhere else (CPU, no Triton, older GPUs) and for inputs the kernels do not support (float32,
-other head dims, arbitrary masks). `FRUGALSERVE_ATTENTION=reference` forces the reference;
+everywhere else (CPU, no Triton, older GPUs) and for inputs the kernel does not support (float32
+attention, head dims outside checks.SUPPORTED_HEAD_DIMS, more than 128 query rows per KV head in
+decode, arbitrary masks). `FRUGALSERVE_ATTENTION=reference` forces the reference;
 `FRUGALSERVE_ATTENTION=triton` forces the kernels (with `TRITON_INTERPRET=1` that runs them on CPU).
-Each decision is logged once with its reason.
+`decide` is that rule as a pure function of the layout, answerable before any tensor exists; each
+call's decision goes through it and is logged once with its reason.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
 from . import reference
-from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from .checks import SUPPORTED_DTYPES, head_dim_problem
+from .kv_cache import KV_WRITE_DTYPES, write_kv_cache
+
+KERNELS = ("prefill", "decode", "kv-write")
+MAX_DECODE_ROWS = 128  # query tokens x query heads per KV head in one decode tile
 
 logger = logging.getLogger("frugalserve.kernels")
 ENV = "FRUGALSERVE_ATTENTION"
@@ -60,22 +67,64 @@ def choose(device: torch.device | str) -> tuple[bool, str]:
     return True, f"CUDA device with compute capability {major}.{minor} and triton available"
 
 
-def unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} (kernels take {SUPPORTED_DTYPES})"
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} (kernels take {SUPPORTED_HEAD_DIMS})"
-    if k.dtype != q.dtype:
-        return f"k dtype {k.dtype} != q dtype {q.dtype}"
+@dataclass(frozen=True)
+class KernelDecision:
+    """What runs for one kernel: the Triton kernel (use_triton) or the PyTorch reference, and why."""
+
+    use_triton: bool
+    reason: str
+
+
+def _unsupported(kernel: str, dtype: torch.dtype, head_dim: int, group: int, query_len: int) -> str | None:
+    if kernel == "kv-write":  # a copy: any head dim, float32 too
+        return None if dtype in KV_WRITE_DTYPES else f"dtype {dtype} (the kv-write kernel takes {KV_WRITE_DTYPES})"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} (the {kernel} kernel takes {SUPPORTED_DTYPES})"
+    problem = head_dim_problem(head_dim)
+    if problem is not None:
+        return problem
+    if kernel == "decode" and query_len * group > MAX_DECODE_ROWS:
+        return (f"{query_len} query tokens x {group} query heads per KV head > {MAX_DECODE_ROWS} "
+                "rows in one decode tile")
     return None
 
 
-def use_triton_for(q: torch.Tensor, k: torch.Tensor, what: str) -> bool:
-    ok, reason = choose(q.device)
-    if ok:
-        bad = unsupported_reason(q, k)
-        if bad is not None:
-            ok, reason = False, f"unsupported input: {bad}"
+def decide(kernel: str, device: torch.device | str, dtype: torch.dtype, head_dim: int, num_heads: int,
+           num_kv_heads: int, *, query_len: int = 1) -> KernelDecision:
+    """Whether `kernel` ("prefill", "decode" or "kv-write") runs in Triton for this layout, and why:
+    the decision every call makes (`query_len`: decode's query tokens per sequence). A pure function
+    of its arguments, the environment and the device, so an engine can report it at load time.
+    Raises ValueError for an unknown kernel or a head layout no path can run."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r} (one of {KERNELS})")
+    if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    ok, reason = choose(device)
+    if not ok:
+        return KernelDecision(False, reason)
+    bad = _unsupported(kernel, dtype, head_dim, num_heads // num_kv_heads, query_len)
+    if bad is not None:
+        return KernelDecision(False, f"unsupported input: {bad}")
+    layout = f"{str(dtype).removeprefix('torch.')}, head_dim {head_dim}, {num_heads}/{num_kv_heads} heads"
+    return KernelDecision(True, f"{reason}; {layout} supported")
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, kernel: str = "prefill") -> str | None:
+    """Why the kernel cannot take these tensors (the layout part of `decide`), or None."""
+    if k.dtype != q.dtype:
+        return f"k dtype {k.dtype} != q dtype {q.dtype}"
+    query_len = q.shape[1] if kernel == "decode" else 1
+    return _unsupported(kernel, q.dtype, q.shape[-1], q.shape[-2] // max(1, k.shape[-2]), query_len)
+
+
+def use_triton_for(q: torch.Tensor, k: torch.Tensor, what: str, kernel: str = "prefill") -> bool:
+    """The per-call decision for q [..., Hq, D] against k [..., Hkv, D], logged once per message."""
+    if k.dtype != q.dtype:
+        ok, reason = False, f"unsupported input: k dtype {k.dtype} != q dtype {q.dtype}"
+    else:
+        query_len = q.shape[1] if kernel == "decode" else 1
+        d = decide(kernel, q.device, q.dtype, q.shape[-1], q.shape[-2], k.shape[-2], query_len=query_len)
+        ok, reason = d.use_triton, d.reason
     _log_once(f"{what}: {'triton' if ok else 'reference'} ({reason})")
     return ok
 
@@ -84,13 +133,16 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def attention(q, k, v, *, causal=True, alibi_slopes=None, scale=None, kv_lo=None, attn_mask=None):
+def attention(q, k, v, *, causal=True, alibi_slopes=None, scale=None, kv_lo=None, attn_mask=None,
+              autotune=True):
     """Padded-batch attention, [B, Sq, Hq, D] x [B, Sk, Hkv, D] -> [B, Sq, Hq, D]; see reference.py.
-    An explicit bool `attn_mask` always takes the reference path."""
+    An explicit bool `attn_mask` always takes the reference path. `autotune=False`: the kernel's
+    fixed config for the head dim (see prefill.flash_attention)."""
     if attn_mask is None and use_triton_for(q, k, "prefill attention"):
         from .prefill import flash_attention
 
-        return flash_attention(q, k, v, causal=causal, alibi_slopes=alibi_slopes, scale=scale, kv_lo=kv_lo)
+        return flash_attention(q, k, v, causal=causal, alibi_slopes=alibi_slopes, scale=scale, kv_lo=kv_lo,
+                               autotune=autotune)
     if attn_mask is not None:
         _log_once("attention with an arbitrary mask: reference (the kernels take causal/left-padding only)")
     return reference.attention_reference(q, k, v, causal=causal, alibi_slopes=alibi_slopes, scale=scale,
@@ -99,49 +151,43 @@ def attention(q, k, v, *, causal=True, alibi_slopes=None, scale=None, kv_lo=None
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *, causal=True, alibi_slopes=None,
                      scale=None, autotune=True):
-    """Packed variable-length attention [Tq, Hq, D] x [Tk, Hkv, D] -> [Tq, Hq, D]."""
+    """Packed variable-length attention [Tq, Hq, D] x [Tk, Hkv, D] -> [Tq, Hq, D]. A serving engine
+    passes `autotune=False`: one fixed config per head dim, no autotuning benchmark mid-serving
+    (the autotune key has a length bucket: each new bucket would stall for seconds)."""
     if use_triton_for(q, k, "varlen attention"):
         from .prefill import flash_attention_varlen
 
         return flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal=causal,
-                                      alibi_slopes=alibi_slopes, scale=scale)
+                                      alibi_slopes=alibi_slopes, scale=scale, autotune=autotune)
     return reference.varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
                                                 alibi_slopes=alibi_slopes, scale=scale,
                                                 compute_dtype=_compute_dtype(q))
 
 
 def decode(q, k_cache, v_cache, block_tables, context_lens, *, alibi_slopes=None, scale=None, **kwargs):
-    """Paged decode attention [B, Lq, Hq, D] -> [B, Lq, Hq, D]; see reference.paged_decode_reference."""
-    if use_triton_for(q, k_cache, "paged decode attention"):
+    """Paged decode attention [B, Lq, Hq, D] -> [B, Lq, Hq, D]; see reference.paged_decode_reference.
+    `kwargs` go to decode.paged_decode_attention (its docstring says which make it capture-safe);
+    the reference takes `max_context_len` of them."""
+    if use_triton_for(q, k_cache, "paged decode attention", kernel="decode"):
         from .decode import paged_decode_attention
 
         return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
                                       alibi_slopes=alibi_slopes, scale=scale, **kwargs)
-    return reference.paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens,
-                                            alibi_slopes=alibi_slopes, scale=scale,
-                                            compute_dtype=_compute_dtype(q))
+    out = reference.paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens,
+                                           alibi_slopes=alibi_slopes, scale=scale,
+                                           compute_dtype=_compute_dtype(q),
+                                           max_context_len=kwargs.get("max_context_len"))
+    if kwargs.get("out") is not None:
+        return kwargs["out"].copy_(out)
+    return out
 
 
-# -- provisional: replaced by the kernels branch (plan / write_kv / fixed-config prefill) --------
-from dataclasses import dataclass  # noqa: E402
+def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """Write key/value [T, Hkv, D] into k/v_cache [num_pages, page_size, Hkv, D] at flat slots
+    `slot_mapping` [T] (< 0: skipped). The Triton kernel (no host sync, CUDA-graph capturable) or
+    the PyTorch reference; see kv_cache.py."""
+    if use_triton_for(key, key, "kv-cache write", kernel="kv-write"):  # cache shape/dtype: checked by both
+        from .kv_cache import write_kv_cache_triton
 
-
-@dataclass(frozen=True)
-class Decision:
-    use_triton: bool
-    reason: str
-
-
-def plan(kernel, device, dtype, head_dim, num_heads, num_kv_heads) -> Decision:
-    ok, reason = choose(device)
-    if ok and dtype not in SUPPORTED_DTYPES:
-        ok, reason = False, f"dtype {dtype}"
-    if ok and head_dim not in SUPPORTED_HEAD_DIMS:
-        ok, reason = False, f"head_dim {head_dim}"
-    return Decision(ok, reason)
-
-
-def write_kv(key, value, k_cache, v_cache, slot_mapping):
-    from .kv_cache import write_kv_cache
-
-    write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+        return write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping)
+    return write_kv_cache(key, value, k_cache, v_cache, slot_mapping)

@@ -150,6 +150,35 @@ def _falcon_alibi_forward(self, hidden_states, alibi, attention_mask, position_i
     return self.dense(out.reshape(B, S, self.num_heads * self.head_dim)), None
 
 
+def _head_layout(config) -> tuple[int, int, int]:
+    """(head_dim, num_heads, num_kv_heads) of the model's attention, as its attention modules read it."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if getattr(config, "model_type", None) == "falcon":  # as FalconAttention
+        multi_kv = config.new_decoder_architecture or not config.multi_query
+        kv_heads = config.num_kv_heads if multi_kv else 1
+    else:
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return head_dim, heads, kv_heads
+
+
+def kernel_report(model) -> str:
+    """What attention runs for `model` where it is now (device, dtype) and why: the prefill kernel's
+    decision (transformers' attention calls go through it, decode steps included)."""
+    params = list(model.parameters())
+    param = next((p for p in params if p.is_floating_point()), params[0])  # not a quantized int8 weight
+    try:
+        head_dim, heads, kv_heads = _head_layout(model.config)
+        d = dispatch.decide("prefill", param.device, param.dtype, head_dim, heads, kv_heads)
+    except (AttributeError, TypeError, ValueError) as exc:  # a config without the usual head fields
+        ok, reason = dispatch.choose(param.device)
+        return (f"{'triton kernels' if ok else 'reference path'}: {reason}; head layout not read from the "
+                f"config ({exc}), each call decides from its tensors")
+    return f"{'triton kernels' if d.use_triton else 'reference path'}: {d.reason}"
+
+
 def _enable_falcon_alibi(model) -> str:
     from transformers.models.falcon.modeling_falcon import FalconAttention
 
@@ -160,11 +189,14 @@ def _enable_falcon_alibi(model) -> str:
             module.forward = types.MethodType(_falcon_alibi_forward, module)
             patched += 1
     model.config._attn_implementation = NAME  # mask: our 2-D padding mask, not the O(S^2) ALiBi bias
-    return f"falcon ALiBi adapter on {patched} attention layers (slopes in-kernel, no O(S^2) bias)"
+    return (f"falcon ALiBi adapter on {patched} attention layers (slopes passed to the attention, no O(S^2) "
+            f"bias; {kernel_report(model)})")
 
 
 def enable_for_model(model) -> str:
-    """Route `model`'s attention through frugalserve kernels; returns what was enabled or why not."""
+    """Route `model`'s attention through frugalserve's dispatch; returns what was enabled and whether
+    the Triton kernels or the reference will run it (dispatch.decide for the model's device, dtype and
+    head layout), or why nothing was enabled."""
     config = model.config
     if _is_falcon_alibi(config):
         if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa", NAME):
@@ -177,8 +209,7 @@ def enable_for_model(model) -> str:
         model.set_attn_implementation(NAME)
     except Exception as exc:  # models that do not support custom attention functions
         return f"nothing enabled: set_attn_implementation({NAME!r}) failed: {exc}"
-    ok, reason = dispatch.choose(next(model.parameters()).device)
-    return f"attn_implementation={NAME!r} ({'triton kernels' if ok else 'reference path'}: {reason})"
+    return f"attn_implementation={NAME!r} ({kernel_report(model)})"
 
 
-__all__ = ["NAME", "attention_forward", "attn_implementation_for", "enable_for_model", "register"]
+__all__ = ["NAME", "attention_forward", "attn_implementation_for", "enable_for_model", "kernel_report", "register"]

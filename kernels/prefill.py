@@ -3,7 +3,9 @@
 The query heads that share a KV head are packed into one tile (row r = token r // PACK, head r % PACK)
 so each K/V tile is loaded once for all of them. Causal tiles skip key blocks above the diagonal and
 apply masks only on the blocks that need them (diagonal, ragged tail, left padding).
-Unsupported: head dims other than checks.SUPPORTED_HEAD_DIMS, float32 inputs, dropout, backward,
+Head dims: checks.SUPPORTED_HEAD_DIMS (multiples of 8 up to 256), padded to a power-of-two BLOCK_D and
+masked; tile shapes are chosen per BLOCK_D class so a 256-wide head stays within shared memory.
+Unsupported: other head dims, float32 inputs, dropout, backward,
 sliding windows, soft-capping, arbitrary masks (use the reference).
 """
 
@@ -15,6 +17,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .checks import check_head_dim, check_heads, check_index, check_same, check_slopes
 
@@ -22,15 +25,72 @@ LOG2E = 1.4426950408889634
 MAX_PACK = 16  # query heads per tile at most; larger groups are split into chunks
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), one list per BLOCK_D class. A 256-wide head doubles the
+# Q/K/V tiles and the fp32 accumulator (BLOCK_M * BLOCK_D / (32 * num_warps) floats per thread).
+# Compiled offline for sm90 (benchmarks/kernel_resources.py; Triton 3.9, causal + ALiBi, bf16), every
+# shape needs 32-96 KB of shared memory (sm90 has 227 KB, sm80 163 KB): registers are the limit. The
+# BLOCK_D 256 list keeps the shapes spilling <= 352 bytes per thread (the fixed one 104); (64, 64, *, *)
+# spills 640-1240 there. The d <= 128 list is the one measured on H200 (spills 24-3272 bytes at d 128;
+# the autotuner picks).
+_TUNE_SHAPES = {
+    128: [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4),
+          (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (256, 64, 8, 3), (256, 128, 8, 2),
+          (128, 128, 4, 3)],
+    256: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 4, 2), (64, 32, 8, 3), (128, 16, 8, 2), (128, 32, 8, 2),
+          (64, 32, 4, 2)],
+}
+# The fixed-config launch (autotune=False): the first shape of the class; the next one only where the
+# device reports too little shared memory for it (OutOfResources, raised before anything runs).
+_FIXED_SHAPES = {
+    128: [(128, 64, 8, 3), (64, 64, 4, 2)],
+    256: [(64, 32, 8, 2), (32, 32, 4, 1)],
+}
+_INTERPRETER_SHAPE = (32, 16, 4, 1)  # small tiles: the interpreter's cost grows with the tile
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _d_class(block_d: int) -> int:
+    return 128 if block_d <= 128 else 256
+
+
+def _config(shape) -> triton.Config:
+    m, n, w, s = shape
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
+def _shape(config: triton.Config) -> tuple[int, int, int, int]:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
 def _configs():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    if os.environ.get("FRUGALSERVE_AUTOTUNE", "1") == "0":  # tests: one config, no tuning compiles
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)]
-    shapes = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
-              (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4), (256, 64, 8, 3),
-              (256, 128, 8, 2), (128, 128, 4, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    if _interpreting():
+        return [_config(_INTERPRETER_SHAPE)]
+    shapes = dict.fromkeys(s for group in _TUNE_SHAPES.values() for s in group)  # ordered, no repeats
+    return [_config(s) for s in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the autotune shapes of this launch's BLOCK_D class (all of them where a Triton version does
+    not hand the launch's keyword arguments to the pruner: the autotuner skips shapes that fail)."""
+    block_d = {**named_args, **kwargs}.get("BLOCK_D")
+    if _interpreting() or block_d is None:
+        return configs
+    keep = set(_TUNE_SHAPES[_d_class(block_d)])
+    return [c for c in configs if _shape(c) in keep]
+
+
+def fixed_shapes(head_dim: int) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the fixed-config launch tries for `head_dim`, in order."""
+    if _interpreting():
+        return [_INTERPRETER_SHAPE]
+    return list(_FIXED_SHAPES[_d_class(_block_d(head_dim))])
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 @triton.jit
@@ -72,7 +132,8 @@ def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(), key=["seq_bucket", "HEAD_DIM", "PACK", "CAUSAL", "USE_ALIBI", "VARLEN"])
+@triton.autotune(configs=_configs(), key=["seq_bucket", "HEAD_DIM", "PACK", "CAUSAL", "USE_ALIBI", "VARLEN"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _prefill_kernel(
     Q, K, V, O, Slopes, CuQ, CuK, KvLo,  # noqa: E741
@@ -163,7 +224,7 @@ def _pack(group: int) -> tuple[int, int]:
 
 
 def _launch(q, k, v, out, strides_q, strides_k, strides_v, strides_o, batch, seqlen_q, seqlen_k, max_q,
-            causal, slopes, scale, cu_q, cu_k, kv_lo, varlen):
+            causal, slopes, scale, cu_q, cu_k, kv_lo, varlen, autotune):
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     num_kv_heads = k.shape[-2]
     group = num_heads // num_kv_heads
@@ -171,15 +232,40 @@ def _launch(q, k, v, out, strides_q, strides_k, strides_v, strides_o, batch, seq
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     dummy = torch.empty(1, dtype=torch.int32, device=q.device)
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"] // pack), batch * num_kv_heads * chunks)  # noqa: E731
-    _prefill_kernel[grid](
+    autotune = autotune and os.environ.get("FRUGALSERVE_AUTOTUNE", "1") != "0"
+    args = (
         q, k, v, out, slopes if slopes is not None else q, cu_q if cu_q is not None else dummy,
         cu_k if cu_k is not None else dummy, kv_lo if kv_lo is not None else dummy,
         *strides_q, *strides_k, *strides_v, *strides_o,
-        seqlen_q, seqlen_k, num_kv_heads, chunks, scale * LOG2E, triton.next_power_of_2(max(max_q, 1)),
-        GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        CAUSAL=causal, USE_ALIBI=slopes is not None, VARLEN=varlen, HAS_KV_LO=kv_lo is not None,
+        seqlen_q, seqlen_k, num_kv_heads, chunks, scale * LOG2E,
+        # the autotune key's length bucket; constant for the fixed config (no recompile per bucket)
+        triton.next_power_of_2(max(max_q, 1)) if autotune else 0,
     )
+    meta = dict(GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=causal,
+                USE_ALIBI=slopes is not None, VARLEN=varlen, HAS_KV_LO=kv_lo is not None)
+    if autotune:
+        _prefill_kernel[grid](*args, **meta)
+    else:
+        _launch_fixed(grid, args, meta, q.device)
     return out
+
+
+_fixed_resolved: dict[tuple[str, int], tuple[int, int, int, int]] = {}  # (device, head_dim) -> shape
+
+
+def _launch_fixed(grid, args, meta, device) -> None:
+    """Launch the autotuner's JIT function with the head dim's fixed shape: no benchmark runs."""
+    key = (str(device), meta["HEAD_DIM"])
+    shapes = [_fixed_resolved[key]] if key in _fixed_resolved else fixed_shapes(meta["HEAD_DIM"])
+    for i, (m, n, w, st) in enumerate(shapes):
+        try:
+            _prefill_kernel.fn[grid](*args, **meta, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+        except OutOfResources:  # raised before the launch: nothing was written
+            if i + 1 == len(shapes):
+                raise
+            continue
+        _fixed_resolved[key] = (m, n, w, st)
+        return
 
 
 def flash_attention(
@@ -192,10 +278,15 @@ def flash_attention(
     scale: float | None = None,
     kv_lo: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    autotune: bool = True,
 ) -> torch.Tensor:
     """Padded batch: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] (any strides, last dim contiguous), Sq <= Sk.
     Query i sits at key position i + Sk - Sq. `kv_lo` [B] int: keys before it are padding.
-    Returns [B, Sq, Hq, D] (or writes `out`). See reference.attention_reference for the semantics."""
+    Returns [B, Sq, Hq, D] (or writes `out`). See reference.attention_reference for the semantics.
+
+    `autotune=True` benchmarks the tile shapes once per (length bucket, head dim, layout, flags);
+    `autotune=False` launches the fixed shape of `fixed_shapes(head_dim)` (for serving: no benchmark
+    stalls when a new length bucket appears). `FRUGALSERVE_AUTOTUNE=0` makes every launch fixed."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q/k/v must be 4-D [B, S, H, D], got {q.dim()}/{k.dim()}/{v.dim()} dims")
     B, Sq, Hq, D = q.shape
@@ -215,7 +306,7 @@ def flash_attention(
     if B == 0 or Sq == 0:
         return out
     return _launch(q, k, v, out, q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3], B, Sq, Sk, Sq,
-                   causal, slopes, scale, None, None, kv_lo, varlen=False)
+                   causal, slopes, scale, None, None, kv_lo, varlen=False, autotune=autotune)
 
 
 def flash_attention_varlen(
@@ -230,9 +321,11 @@ def flash_attention_varlen(
     alibi_slopes: torch.Tensor | None = None,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    autotune: bool = True,
 ) -> torch.Tensor:
     """Packed sequences: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens_* [B+1] int32 (starts, then total).
-    Each sequence's queries are its last Lq tokens (Lq <= Lk). Returns [Tq, Hq, D]."""
+    Each sequence's queries are its last Lq tokens (Lq <= Lk). Returns [Tq, Hq, D].
+    `autotune`: as in flash_attention."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"varlen q/k/v must be 3-D [T, H, D], got {q.dim()}/{k.dim()}/{v.dim()} dims")
     if k.shape != v.shape or k.shape[2] != q.shape[2]:
@@ -253,4 +346,4 @@ def flash_attention_varlen(
     sq, sk, so = q.stride(), k.stride(), out.stride()
     return _launch(q, k, v, out, (0, sq[0], sq[1]), (0, sk[0], sk[1]), (0, v.stride(0), v.stride(1)),
                    (0, so[0], so[1]), B, 0, 0, int(max_seqlen_q), causal, slopes, scale, cu_q, cu_k, None,
-                   varlen=True)
+                   varlen=True, autotune=autotune)

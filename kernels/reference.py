@@ -108,10 +108,63 @@ def paged_decode_reference(
     alibi_slopes: torch.Tensor | None = None,
     scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    max_context_len: int | None = None,
 ) -> torch.Tensor:
     """Decode against a paged cache: q [B, Lq, Hq, D] are the last Lq tokens of each sequence (their K/V
     already written); k/v_cache [num_pages, page_size, Hkv, D]; block_tables [B, max_pages];
-    context_lens [B] (tokens in the cache, new ones included). Causal among the Lq queries."""
+    context_lens [B] (tokens in the cache, new ones included). Causal among the Lq queries; a row
+    whose query sees no key (context_lens 0) returns 0.
+
+    One batched computation: every sequence's K/V gathered through its block table, padded to the
+    longest context (`max_context_len` when given, else `context_lens.max()`, a host sync on a GPU;
+    tokens past it are not read), positions >= context_len masked. Block-table entries past a
+    sequence's pages are never dereferenced."""
+    B, Lq, Hq, D = q.shape
+    page, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    ctx = context_lens.to(device=q.device, dtype=torch.long)
+    if B == 0:
+        return torch.empty_like(q)
+    L = int(ctx.max()) if max_context_len is None else int(max_context_len)
+    n_pages = (L + page - 1) // page
+    if n_pages > block_tables.shape[1]:
+        raise ValueError(f"context of {L} tokens does not fit {block_tables.shape[1]} pages of {page}")
+    used = torch.arange(n_pages, device=q.device) < ((ctx + page - 1) // page)[:, None]  # [B, n_pages]
+    pages = torch.where(used, block_tables[:, :n_pages].to(q.device).long(), 0)
+    k_pos = torch.arange(L, device=q.device)
+    valid = k_pos[None, :] < ctx[:, None]  # [B, L]
+    # [B, L, Hkv, D] -> [B, Hkv, 1, L, D]; the G query heads of a KV head share it (= repeat_interleave)
+    kf = k_cache[pages].flatten(1, 2)[:, :L].to(compute_dtype).permute(0, 2, 1, 3).unsqueeze(2)
+    vf = v_cache[pages].flatten(1, 2)[:, :L].to(compute_dtype)
+    vf = vf.masked_fill(~valid[:, :, None, None], 0.0).permute(0, 2, 1, 3).unsqueeze(2)  # no 0 * garbage
+    qf = q.to(compute_dtype).view(B, Lq, Hkv, group, D).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Lq, D]
+    logits = (qf @ kf.transpose(-1, -2)) * scale  # [B, Hkv, G, Lq, L]
+    q_pos = ctx[:, None] - Lq + torch.arange(Lq, device=q.device)  # [B, Lq]
+    if alibi_slopes is not None:
+        rel = (k_pos[None, None, :] - q_pos[:, :, None]).to(compute_dtype)  # [B, Lq, L]
+        slopes = alibi_slopes.to(device=q.device, dtype=compute_dtype).view(1, Hkv, group, 1, 1)
+        logits = logits + slopes * rel[:, None, None]
+    allowed = valid[:, None, :] & (k_pos[None, None, :] <= q_pos[:, :, None])  # [B, Lq, L]
+    logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
+    out = probs @ vf  # [B, Hkv, G, Lq, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(B, Lq, Hq, D).to(q.dtype)
+
+
+def _paged_decode_loop(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """paged_decode_reference one sequence at a time (gather, then attention_reference): the oracle
+    the tests check the batched version against. Not a serving path."""
     out = torch.empty_like(q)
     for b, length in enumerate(context_lens.tolist()):
         kb = gather_paged_kv(k_cache, block_tables[b], length)[None]

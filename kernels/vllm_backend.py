@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from .checks import HEAD_DIMS_TEXT, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 
 VLLM_PIN = "0.33"  # the vLLM minor these classes are written against
 CLASS_PATH = f"{__name__}.FrugalAttentionBackend"
@@ -78,7 +78,7 @@ def unsupported_reasons(
     """Why our kernels cannot run this attention layer; empty when they can."""
     reasons = []
     if head_size not in SUPPORTED_HEAD_DIMS:
-        reasons.append(f"head size {head_size} (the kernels take {SUPPORTED_HEAD_DIMS})")
+        reasons.append(f"head size {head_size} (the kernels take {HEAD_DIMS_TEXT})")
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         reasons.append(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if alibi_slopes is not None and len(alibi_slopes) != num_heads:

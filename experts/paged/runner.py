@@ -89,7 +89,7 @@ class ModelRunner:
         m = self.model
         plan = {}
         for kernel in ("prefill", "decode", "kv-write"):
-            d = dispatch.plan(kernel, self.device, self.dtype, m.head_dim, m.num_heads,
+            d = dispatch.decide(kernel, self.device, self.dtype, m.head_dim, m.num_heads,
                               m.num_kv_heads)
             plan[kernel] = f"{'triton' if d.use_triton else 'reference'} ({d.reason})"
         plan["cuda_graphs"] = ("decode steps, batch buckets up to "

@@ -236,10 +236,10 @@ def test_attend_over_vllm_cache_layout_matches_reference(monkeypatch):
 
 def test_unsupported_reasons_name_each_feature():
     reasons = vllm_backend.unsupported_reasons(
-        head_size=256, num_heads=6, num_kv_heads=4, sliding_window=4096, kv_cache_dtype="fp8",
+        head_size=100, num_heads=6, num_kv_heads=4, sliding_window=4096, kv_cache_dtype="fp8",
         logits_soft_cap=30.0, attn_type="encoder_only", sinks=torch.zeros(6), dtype=torch.float32)
     text = "; ".join(reasons)
-    for word in ("head size 256", "multiple of num_kv_heads", "sliding window", "fp8", "soft-capping",
+    for word in ("head size 100", "multiple of num_kv_heads", "sliding window", "fp8", "soft-capping",
                  "encoder_only", "sinks", "float32"):
         assert word in text
     assert vllm_backend.unsupported_reasons(head_size=128, num_heads=32, num_kv_heads=8,

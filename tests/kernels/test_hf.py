@@ -133,3 +133,33 @@ def test_enable_reports_unsupported():
 
     model = BloomForCausalLM(BloomConfig(n_layer=1, n_head=2, hidden_size=32, vocab_size=50))
     assert hf.enable_for_model(model).startswith("nothing enabled")
+
+
+def test_enable_reports_what_runs(monkeypatch):
+    """The report is dispatch.decide for the model's device, dtype and head layout, not triton's presence."""
+    from frugalserve.kernels import dispatch
+
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+    assert "(reference path: device is cpu, the Triton kernels need CUDA)" in hf.enable_for_model(_llama())
+    monkeypatch.setenv(dispatch.ENV, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(dispatch, "triton_import_error", lambda: None)
+    text = hf.enable_for_model(_llama().half())  # hidden 128 / 4 heads: head_dim 32, 2 KV heads
+    assert "(triton kernels: FRUGALSERVE_ATTENTION=triton; float16, head_dim 32, 4/2 heads supported)" in text
+    assert "reference path: unsupported input: dtype torch.float32" in hf.enable_for_model(_llama())
+    torch.manual_seed(0)
+    odd = LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=144, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2)).half()
+    assert "reference path: unsupported input: head_dim 36 is not supported" in hf.enable_for_model(odd)
+    falcon = hf.enable_for_model(_falcon("mqa").half())  # 4 heads of 32, one KV head
+    assert falcon.startswith("falcon ALiBi adapter on 2") and "head_dim 32, 4/1 heads supported" in falcon
+    assert "4/2 heads" in hf.enable_for_model(_falcon("gqa").half())
+    assert "4/4 heads" in hf.enable_for_model(_falcon("mha").half())
+
+
+def test_report_without_head_fields():
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(2, 2)
+    model.config = SimpleNamespace(model_type="custom")
+    assert "head layout not read from the config" in hf.kernel_report(model)

@@ -12,6 +12,8 @@ requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 pytestmark = requires_triton
 LAYOUTS = [(4, 4), (8, 2), (5, 1), (12, 3), (32, 8)]
 DT = torch.float16
+# the demo zoo's dims (8, 24, 32, 40) and common models' up to 256: odd multiples of 8 pad to BLOCK_D
+HEAD_DIMS = [8, 24, 32, 40, 48, 64, 72, 80, 96, 112, 128, 160, 192, 256]
 
 
 def _qkv(B, sq, sk, hq, hkv, d, device, seed=0, dtype=DT):
@@ -35,13 +37,44 @@ def test_padded_layouts(heads, causal, alibi, interp_device, assert_close):
     assert_close(out, attention_reference(q, k, v, causal=causal, alibi_slopes=s), DT)
 
 
-@pytest.mark.parametrize("d", [32, 80, 96, 128])
-def test_head_dims(d, interp_device, assert_close):
+def _cu(lens, device):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_head_dims_padded(d, interp_device, assert_close):
+    """Every head dim: causal + ALiBi and non-causal, a GQA layout per dim, both launch paths."""
     from frugalserve.kernels.prefill import flash_attention
 
-    q, k, v = _qkv(1, 21, 21, 8, 2, d, interp_device, seed=d)
-    s = alibi_slopes(8, device=interp_device)
-    assert_close(flash_attention(q, k, v, alibi_slopes=s), attention_reference(q, k, v, alibi_slopes=s), DT)
+    i = HEAD_DIMS.index(d)
+    hq, hkv = LAYOUTS[i % 4]
+    q, k, v = _qkv(2, 19, 19, hq, hkv, d, interp_device, seed=d)
+    s = alibi_slopes(hq, device=interp_device)
+    out = flash_attention(q, k, v, alibi_slopes=s, autotune=i % 2 == 0)
+    assert_close(out, attention_reference(q, k, v, alibi_slopes=s), DT)
+    out = flash_attention(q[:, 6:], k, v, causal=False, autotune=i % 2 == 1)
+    assert_close(out, attention_reference(q[:, 6:], k, v, causal=False), DT)
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_head_dims_varlen(d, interp_device, assert_close):
+    """Every head dim, packed ragged sequences (lengths 1, 17, 33; shorter queries than keys)."""
+    from frugalserve.kernels.prefill import flash_attention_varlen
+
+    i = HEAD_DIMS.index(d)
+    hq, hkv = LAYOUTS[(i + 1) % 4]
+    lens_q, lens_k = [1, 17, 33], [1, 20, 33]
+    g = torch.Generator().manual_seed(1000 + d)
+    q = torch.randn(sum(lens_q), hq, d, generator=g).to(interp_device, DT)
+    k = torch.randn(sum(lens_k), hkv, d, generator=g).to(interp_device, DT)
+    v = torch.randn(sum(lens_k), hkv, d, generator=g).to(interp_device, DT)
+    cu_q, cu_k = _cu(lens_q, interp_device), _cu(lens_k, interp_device)
+    s = alibi_slopes(hq, device=interp_device)
+    for causal, autotune in ((True, False), (False, True)):
+        out = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), causal=causal, alibi_slopes=s,
+                                     autotune=autotune)
+        ref = varlen_attention_reference(q, k, v, cu_q, cu_k, causal=causal, alibi_slopes=s)
+        assert_close(out, ref, DT)
 
 
 @pytest.mark.parametrize("sq,sk", [(1, 1), (1, 37), (5, 37), (33, 33), (16, 48)])
@@ -99,6 +132,52 @@ def test_varlen_ragged(heads, causal, interp_device, assert_close):
     assert_close(out, ref, DT)
 
 
+def test_autotune_shapes_by_block_d(monkeypatch):
+    """GPU config lists (read with the interpreter off): d <= 128 keeps the measured list; 256-wide heads
+    get their own shapes (see prefill._TUNE_SHAPES: chosen by register spills compiled for sm90)."""
+    from frugalserve.kernels import prefill
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    configs = prefill._configs()
+    for block_d in (16, 32, 64, 128):
+        kept = [prefill._shape(c) for c in prefill._prune(configs, {"BLOCK_D": block_d})]
+        assert kept == prefill._TUNE_SHAPES[128]
+    wide = [prefill._shape(c) for c in prefill._prune(configs, {}, BLOCK_D=256)]
+    assert wide == prefill._TUNE_SHAPES[256]
+    for m, n, warps, _ in wide:
+        assert n <= 32  # K and V tiles of at most 32 keys x 256 dims (16 KB in bf16)
+        assert m * 256 // (32 * warps) <= 128  # fp32 accumulator floats per thread
+    assert prefill.fixed_shapes(256)[0] in wide and prefill.fixed_shapes(128)[0] in kept
+    assert prefill.fixed_shapes(72) == prefill.fixed_shapes(128)  # BLOCK_D 128
+    assert prefill.fixed_shapes(160) == prefill.fixed_shapes(256)
+
+
+def test_fixed_launch_falls_back_on_out_of_resources(monkeypatch):
+    """A device without the shared memory for the first fixed shape gets the next one, once."""
+    from types import SimpleNamespace
+
+    from frugalserve.kernels import prefill
+    from triton.runtime.errors import OutOfResources
+
+    calls = []
+
+    def launch(*args, BLOCK_M, BLOCK_N, num_warps, num_stages, **meta):
+        calls.append((BLOCK_M, BLOCK_N, num_warps, num_stages))
+        if (BLOCK_M, BLOCK_N, num_warps, num_stages) == prefill._FIXED_SHAPES[128][0]:
+            raise OutOfResources(160 * 1024, 99 * 1024, "shared memory")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(prefill, "_prefill_kernel", SimpleNamespace(fn={None: launch}))
+    monkeypatch.setattr(prefill, "_fixed_resolved", {})
+    for _ in range(2):
+        prefill._launch_fixed(None, (), {"HEAD_DIM": 64}, "cuda:0")
+    first, second = prefill._FIXED_SHAPES[128]
+    assert calls == [first, second, second]
+    with pytest.raises(OutOfResources):  # the last shape's failure is the caller's
+        monkeypatch.setattr(prefill, "_FIXED_SHAPES", {128: [first], 256: [first]})
+        prefill._launch_fixed(None, (), {"HEAD_DIM": 256}, "cuda:0")
+
+
 def test_poisoned_output_fully_written(interp_device, assert_close):
     from frugalserve.kernels.prefill import flash_attention
 
@@ -111,11 +190,12 @@ def test_poisoned_output_fully_written(interp_device, assert_close):
 # ---- bad input -----------------------------------------------------------------------------------
 
 
-def test_bad_head_dim(interp_device, assert_close):
+@pytest.mark.parametrize("d", [4, 50, 264])
+def test_bad_head_dim(d, interp_device):
     from frugalserve.kernels.prefill import flash_attention
 
-    q, k, v = _qkv(1, 4, 4, 4, 4, 48, interp_device)
-    with pytest.raises(ValueError, match="head_dim 48"):
+    q, k, v = _qkv(1, 4, 4, 4, 4, d, interp_device)
+    with pytest.raises(ValueError, match=f"head_dim {d} is not supported.*multiples of 8 from 8 to 256"):
         flash_attention(q, k, v)
 
 
