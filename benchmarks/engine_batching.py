@@ -5,10 +5,10 @@ length (ignore_eos), greedy.
     python benchmarks/engine_batching.py --model experts/models/tier-l [--device cuda]
 
 Reports tokens/s and the per-token latency (ms per decoding step at batch 1). Rows: `paged`
-(CUDA graphs for decode steps on GPU), `paged-eager` (GPU only: graphs off), `static` (one padded
-batch at a time; frugalserve's kernels through transformers' attention interface on GPU) and
-`hf-generate` (the peer: `model.generate` on a left-padded batch, `min_new_tokens` =
-`max_new_tokens`). Median of `--repeats` timed runs after a warm-up run.
+(CUDA graphs on GPU), `paged-eager` (GPU only: graphs off), `static` (one padded batch at a time;
+frugalserve's kernels through transformers' attention interface on GPU), and the peers
+`hf-generate` (`model.generate` on a left-padded batch, `min_new_tokens` = `max_new_tokens`) and
+`hf-continuous` (transformers' own continuous batching, `generate_batch`, eos disabled). Median of `--repeats` timed runs after a warm-up run.
 """
 
 from __future__ import annotations
@@ -75,6 +75,26 @@ def time_hf_generate(engine: TransformersEngine, batch: int, max_tokens: int,
     return statistics.median(times), batch * (out.shape[1] - enc["input_ids"].shape[1])
 
 
+def time_hf_continuous(engine: TransformersEngine, batch: int, max_tokens: int,
+                       repeats: int) -> tuple[float, int]:
+    """transformers' own continuous batching (`generate_batch`, a paged cache), eos disabled."""
+    from transformers import GenerationConfig
+
+    inputs = [engine.encode(r) for r in requests(batch, max_tokens)]
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1,
+                              pad_token_id=engine.pad_id)
+    with torch.inference_mode():
+        engine.model.generate_batch(inputs=inputs, generation_config=config)
+        times = []
+        for _ in range(repeats):
+            _sync(engine.device)
+            t0 = time.perf_counter()
+            out = engine.model.generate_batch(inputs=inputs, generation_config=config)
+            _sync(engine.device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), sum(len(o.generated_tokens) for o in out.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", type=Path, default=Path("experts/models/tier-l"))
@@ -83,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--engines", default="paged,paged-eager,static,hf-generate")
+    p.add_argument("--engines", default="paged,paged-eager,static,hf-generate,hf-continuous")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/engine-batching.json"))
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -102,10 +122,17 @@ def main(argv: list[str] | None = None) -> int:
             engine = TransformersEngine.from_path(args.model, device=args.device, dtype=args.dtype)
             attention = engine.info().attention
         for b in batches:
-            if kind == "hf-generate":
-                seconds, tokens = time_hf_generate(engine, b, args.max_tokens, args.repeats)
-            else:
-                seconds, tokens = time_engine(engine, b, args.max_tokens, args.repeats)
+            try:
+                if kind == "hf-generate":
+                    seconds, tokens = time_hf_generate(engine, b, args.max_tokens, args.repeats)
+                elif kind == "hf-continuous":
+                    seconds, tokens = time_hf_continuous(engine, b, args.max_tokens, args.repeats)
+                else:
+                    seconds, tokens = time_engine(engine, b, args.max_tokens, args.repeats)
+            except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, not fatal
+                print(f"  {kind} batch {b}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                rows.append({"engine": kind, "batch": b, "error": f"{type(exc).__name__}: {exc}"})
+                continue
             row = {"engine": kind, "batch": b, "tokens": tokens, "seconds": seconds,
                    "tokens_per_s": tokens / seconds,
                    "ms_per_step": seconds / (tokens / b) * 1000, "attention": attention}
@@ -117,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         del engine
         if cuda:
             torch.cuda.empty_cache()
-    for row in rows:
-        peer = next((r for r in rows if r["engine"] == "hf-generate" and r["batch"] == row["batch"]),
+    ok = [r for r in rows if "error" not in r]
+    for row in ok:
+        peer = next((r for r in ok if r["engine"] == "hf-generate" and r["batch"] == row["batch"]),
                     None)
         row["vs_hf_generate"] = row["tokens_per_s"] / peer["tokens_per_s"] if peer else None
     device = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU"
@@ -130,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nengine level, {args.model.name}, {device}, {args.max_tokens} new tokens each "
           "(ignore_eos), greedy")
     print(f"{'engine':<12} {'batch':>5} {'tokens/s':>10} {'ms/step':>8} {'vs HF generate':>15}")
-    for r in rows:
+    for r in ok:
         ratio = f"{r['vs_hf_generate']:.2f}x" if r["vs_hf_generate"] else "-"
         print(f"{r['engine']:<12} {r['batch']:>5} {r['tokens_per_s']:>10.1f} "
               f"{r['ms_per_step']:>8.2f} {ratio:>15}")

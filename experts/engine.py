@@ -193,8 +193,10 @@ class Engine(abc.ABC):
         `finish_reason` and the whole `Completion`) once, and `None` after it finished."""
         raise NotImplementedError(f"{type(self).__name__} batches itself; call stream()")
 
-    async def stream(self, admission: Admission) -> AsyncIterator[StreamDelta]:
-        """Stream one request's tokens; the final delta carries the whole `Completion`."""
+    async def stream(self, admission: Admission, *, final_only: bool = False,
+                     ) -> AsyncIterator[StreamDelta]:
+        """Stream one request's tokens; the final delta carries the whole `Completion`.
+        `final_only`: the caller reads only the final delta, so an engine may skip the others."""
         async for step in self.stream_batch([admission]):
             if step[0] is not None:
                 yield step[0]
@@ -206,7 +208,7 @@ class Engine(abc.ABC):
         admissions = [self.admit(r) for r in requests]
 
         async def one(a: Admission) -> Completion:
-            async for delta in self.stream(a):
+            async for delta in self.stream(a, final_only=True):
                 if delta.completion is not None:
                     return delta.completion
             raise RuntimeError("the engine ended a request without a completion")

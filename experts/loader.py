@@ -46,7 +46,8 @@ def build_engine(spec: ExpertSpec, gpu_share: float = 1.0) -> Engine:
             b, a = spec.batching, spec.autoscaling
             config = PagedConfig(
                 max_num_seqs=b.max_batch_size, max_num_batched_tokens=b.max_batched_tokens,
-                admission_delay_s=b.admission_delay_s, page_size=spec.kv_cache.page_size,
+                admission_delay_s=b.admission_delay_s, stream_interval_s=b.stream_interval_s,
+                page_size=spec.kv_cache.page_size,
                 memory_fraction=a.memory_fraction, memory_budget_bytes=a.memory_budget_bytes,
                 gpu_share=gpu_share,
                 cuda_graphs=spec.kv_cache.cuda_graphs and spec.quantization == "none")

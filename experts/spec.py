@@ -49,6 +49,10 @@ class BatchingConfig(BaseModel):
         0.0, ge=0, le=1, description="continuous: while others decode, a newcomer waits up to "
         "this long so several prefills share one step"
     )
+    stream_interval_s: float = Field(
+        0.05, ge=0, le=1, description="continuous: a streamed request gets its first token at "
+        "once, then its new tokens in chunks at most this often"
+    )
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, le=10, description="static: how long the first request of a batch waits for "
         "company"

@@ -343,7 +343,8 @@ class VLLMEngine(Engine):
         return {"batch_sizes": list(self.batch_sizes), "cancelled": self.cancelled_total,
                 "memory": self.memory_stats()}
 
-    async def stream(self, admission: Admission) -> AsyncIterator[StreamDelta]:
+    async def stream(self, admission: Admission, *, final_only: bool = False,
+                     ) -> AsyncIterator[StreamDelta]:
         async for step in self._stream_many([admission]):
             if step[0] is not None:
                 yield step[0]

@@ -94,18 +94,24 @@ class ExpertServer:
         }
 
     async def generate(self, request: GenerationRequest) -> Completion:
-        async with contextlib.aclosing(self.generate_stream(request)) as stream:
+        async with contextlib.aclosing(self._deltas(request, final_only=True)) as stream:
             async for delta in stream:
                 if delta.completion is not None:
                     return delta.completion  # leave now, not after the batch's next step
         raise RuntimeError("the engine ended the request without a completion")
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        async with contextlib.aclosing(self._deltas(request, final_only=False)) as stream:
+            async for delta in stream:
+                yield delta
+
+    async def _deltas(self, request: GenerationRequest, final_only: bool,
+                      ) -> AsyncIterator[StreamDelta]:
         admission = self.engine.admit(request)  # fails this request alone, before any batch
         self._enter()
         done = False
         try:
-            async for delta in self._source(admission):
+            async for delta in self._source(admission, final_only):
                 done = delta.completion is not None
                 yield delta
                 if done:
@@ -118,10 +124,10 @@ class ExpertServer:
             self._leave()
             self.engine.release(admission)
 
-    def _source(self, admission: Admission) -> AsyncIterator[StreamDelta]:
+    def _source(self, admission: Admission, final_only: bool) -> AsyncIterator[StreamDelta]:
         """Where a request's deltas come from: the engine's own loop, or Serve's batcher."""
         if self.engine.batches_itself:
-            return self.engine.stream(admission)
+            return self.engine.stream(admission, final_only=final_only)
         return self._batched(admission)
 
     def record_autoscaling_stats(self) -> dict[str, float]:

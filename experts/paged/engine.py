@@ -71,16 +71,24 @@ class PagedConfig:
     memory_budget_bytes: int | None = None  # instead of the device's memory (x gpu_share)
     gpu_share: float = 1.0  # the replica's fraction of its GPU (Ray's num_gpus)
     cuda_graphs: bool = True
+    stream_interval_s: float = 0.05  # streamed tokens are handed over in chunks of this period
 
 
 @dataclass
 class _Stream:
-    """Tokens on their way from the loop thread to one request's consumer."""
+    """Tokens on their way from the loop thread to one request's consumer. The loop thread
+    hands over a sequence's new tokens at its first token, at its end, and otherwise at most
+    every `stream_interval_s` (never, for a `final_only` consumer without stop sequences): each
+    hand-over wakes the consumer, and a wake per token per request would cost more host time
+    than the model's step at large batches."""
 
     loop: asyncio.AbstractEventLoop
+    final_only: bool = False
     event: asyncio.Event = field(default_factory=asyncio.Event)
-    items: list[tuple[int, float, str | None]] = field(default_factory=list)
+    items: list[tuple[list[int], list[float], str | None]] = field(default_factory=list)
     error: BaseException | None = None
+    delivered: int = 0  # generated tokens handed over so far (loop thread)
+    last: float = 0.0  # when they were (loop thread)
 
 
 class PagedEngine(Engine):
@@ -118,7 +126,8 @@ class PagedEngine(Engine):
         self.blocks = BlockManager(num_pages, config.page_size)
         self.runner = ModelRunner(self.paged, self.blocks, max_num_seqs=config.max_num_seqs,
                                   max_context=self._max_context, eos_ids=self.eos_ids,
-                                  cuda_graphs=config.cuda_graphs)
+                                  cuda_graphs=config.cuda_graphs,
+                                  max_num_batched_tokens=config.max_num_batched_tokens)
         self.core = EngineCore(self.runner, sched, self.blocks, self.eos_ids)
         self._profile = self._memory_profile(budget, activation)
         self._ids = itertools.count()
@@ -252,13 +261,14 @@ class PagedEngine(Engine):
         if seq is not None:
             self._post("abort", seq)
 
-    async def stream(self, admission: Admission) -> AsyncIterator[StreamDelta]:
+    async def stream(self, admission: Admission, *, final_only: bool = False,
+                     ) -> AsyncIterator[StreamDelta]:
         req = admission.request
         seq = Sequence(next(self._ids), list(admission.prompt_ids), len(admission.prompt_ids),
                        admission.max_tokens, params=req.params,
                        generator=seeded_generator(req.params, self.device),
                        arrival=time.monotonic())
-        st = _Stream(asyncio.get_running_loop())
+        st = _Stream(asyncio.get_running_loop(), final_only=final_only and not req.params.stop)
         self._streams[seq.seq_id] = st
         if req.request_id:
             self._by_request[req.request_id] = seq
@@ -275,8 +285,9 @@ class PagedEngine(Engine):
                 if not items:
                     continue
                 engine_done = items[-1][2] is not None
-                delta = out.add([t for t, _, _ in items], [lp for _, lp, _ in items],
-                                items[-1][2])
+                ids = [t for chunk, _, _ in items for t in chunk]
+                lps = [lp for _, chunk, _ in items for lp in chunk]
+                delta = out.add(ids, lps, items[-1][2])
                 if delta is not None:
                     yield delta
         finally:
@@ -390,16 +401,24 @@ class PagedEngine(Engine):
 
     def _deliver(self, outputs: list[TokenOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        now, interval = time.monotonic(), self.config.stream_interval_s
         for out in outputs:
             st = self._streams.get(out.seq.seq_id)
-            if st is not None:
-                by_loop.setdefault(st.loop, []).append((st, out))
+            if st is None:
+                continue
+            seq = out.seq
+            if out.finish_reason is None and (st.final_only or (
+                    st.delivered and now - st.last < interval)):
+                continue  # held: handed over with the next batch of this sequence's tokens
+            start = st.delivered
+            st.delivered, st.last = seq.num_generated, now
+            item = (seq.tokens[seq.num_prompt + start:], seq.logprobs[start:], out.finish_reason)
+            by_loop.setdefault(st.loop, []).append((st, item))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_hand_over, items)
             except RuntimeError:  # that event loop is closed: its requests are gone
-                for _, out in items:
-                    self._post("abort", out.seq)
+                pass
 
     def _fail_all(self, exc: Exception) -> None:
         sched = self.core.scheduler
@@ -413,9 +432,9 @@ class PagedEngine(Engine):
                     pass
 
 
-def _hand_over(items: list[tuple[_Stream, TokenOutput]]) -> None:
-    for st, out in items:
-        st.items.append((out.token, out.logprob, out.finish_reason))
+def _hand_over(items: list[tuple[_Stream, tuple[list[int], list[float], str | None]]]) -> None:
+    for st, item in items:
+        st.items.append(item)
         st.event.set()
 
 

@@ -47,7 +47,8 @@ class AttnMeta:
 
 class ModelRunner:
     def __init__(self, model: PagedModel, blocks: BlockManager, *, max_num_seqs: int,
-                 max_context: int, eos_ids: frozenset[int], cuda_graphs: bool = True):
+                 max_context: int, eos_ids: frozenset[int], cuda_graphs: bool = True,
+                 max_num_batched_tokens: int = 2048):
         self.model = model
         self.eos_ids = eos_ids
         self.blocks = blocks

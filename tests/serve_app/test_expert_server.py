@@ -62,7 +62,8 @@ class FakeEngine(Engine):
                    StreamDelta("", finish_reason="length", completion=self._done(a))
                    for t, a in zip(answers, admissions)]
 
-    async def stream(self, admission: Admission) -> AsyncIterator[StreamDelta]:
+    async def stream(self, admission: Admission, *, final_only: bool = False,
+                     ) -> AsyncIterator[StreamDelta]:
         if not self.batches_itself:
             async for d in super().stream(admission):
                 yield d
