@@ -45,8 +45,8 @@ def _matrix(args, split: str):
 
     if args.matrix is not None:
         return ResponseMatrix.load(args.matrix)
-    from frugalserve.experts import evaluate as harness
-    from frugalserve.experts import tasks as T
+    from frugalserve.experts.zoo import evaluate as harness
+    from frugalserve.experts.zoo import tasks as T
 
     tasks_ = T.generate(split, args.limit, seed=args.seed)
     rows = harness.evaluate(harness.parse_experts(args.experts), tasks_, device=args.device,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from frugalserve.experts import tasks as T
 from frugalserve.experts.engine import GenerationRequest, SamplingParams
 from frugalserve.experts.quant import linear_weight_bytes
 from frugalserve.experts.spec import resolve_model_path
 from frugalserve.experts.transformers_engine import TransformersEngine
+from frugalserve.experts.zoo import tasks as T
 
 from tests.conftest import make_random_adapter
 
