@@ -83,7 +83,6 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-depth", type=int, default=3, help="longest cascade searched")
     args = parser.parse_args(argv)
 
-    from frugalserve.cascade.artifact import RouterArtifact
     from frugalserve.cascade.calibrate import fit_router
     from frugalserve.cascade.evaluate import evaluate_router
     from frugalserve.experts.embedding import make_featurizer
@@ -101,7 +100,7 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"frugalserve calibrate: {exc}", file=sys.stderr)
         return 2
-    art = RouterArtifact.from_calibration(result, featurize.config(), meta={
+    art = result.to_artifact(featurize.config(), meta={
         "calibrated_on": str(args.matrix or f"calib split, {args.limit} prompts"),
         "date": date.today().isoformat(), "tiers": tiers,
     })
