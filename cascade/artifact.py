@@ -51,7 +51,7 @@ class RouterArtifact:
         arrays.update(self.gate.model.to_arrays("gate"))
         for e, mlp in self.scorer.models.items():
             arrays.update(mlp.to_arrays(f"scorer.{e}"))
-        np.savez(path / "weights.npz", **arrays)
+        np.savez(path / "weights.npz", **arrays)  # type: ignore[arg-type]  # numpy stubs: **arrays
         doc = {
             "format": FORMAT,
             "version": FORMAT_VERSION,

@@ -8,6 +8,7 @@ mixing of the cheapest and largest tier, and the oracle (cheapest correct expert
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from frugalserve.cascade.artifact import RouterArtifact
@@ -101,7 +102,7 @@ def evaluate_router(art: RouterArtifact, m: ResponseMatrix, prompt_feats: np.nda
     for p in art.frontier:
         _, pok, pspent = cascade_outcome(m, scores, p.order, p.thresholds)
         curve.append((float(pspent.mean()), float(pok.mean())))
-    report = {"cascade": _policy_block(ok, spent, curve, best, weak, strong, resamples, seed)}
+    report: dict[str, Any] = {"cascade": _policy_block(ok, spent, curve, best, weak, strong, resamples, seed)}
     report["cascade"].update({
         "order": list(art.cascade.order), "thresholds": list(art.cascade.thresholds),
         "answered_by": {e: int((cols == m.column(e)).sum()) for e in art.cascade.order},

@@ -22,8 +22,8 @@ class GateDecision:
 
 def gate_choose(
     experts: Sequence[str],
-    p_correct: Sequence[float],
-    costs: Sequence[float],
+    p_correct: Sequence[float] | np.ndarray,
+    costs: Sequence[float] | np.ndarray,
     *,
     cost_weight: float,
     floor: float,
@@ -52,7 +52,7 @@ def gate_choose(
 def replay_gate(
     experts: Sequence[str],
     p_correct: np.ndarray,  # [n, e] the gate's P(correct) per prompt and expert
-    costs: Sequence[float],
+    costs: Sequence[float] | np.ndarray,
     *,
     cost_weight: float,
     floor: float,

@@ -216,6 +216,7 @@ def load_config(model: str | None, shape: str | None) -> tuple[str, dict[str, An
             return path.name, json.loads((path / "config.json").read_text())
         except json.JSONDecodeError as exc:
             raise PlanError(f"--model {model!r}: config.json is not valid JSON ({exc})") from None
+    assert shape is not None
     name = shape.removeprefix("builtin:")
     cfg = SHAPES.get(name) or _zoo().get(name)
     return name, cfg if cfg is not None else _unknown_shape(shape)

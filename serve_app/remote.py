@@ -22,6 +22,7 @@ class RemoteExpertError(RuntimeError):
 class RemoteClient:
     def __init__(self, spec: ExpertSpec, timeout_s: float):
         self.spec, self.name, self.timeout_s = spec, spec.name, timeout_s
+        assert spec.base_url is not None  # the spec's validator requires it for kind openai
         key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client = httpx.AsyncClient(

@@ -99,7 +99,7 @@ class ChatUser(HttpUser):
         self.budget = _option(env, "fs_budget", None)
         if ChatUser._models is None:
             chosen = [m.strip() for m in str(_option(env, "fs_models", "")).split(",") if m.strip()]
-            ChatUser._models = chosen or list_models(self.host)
+            ChatUser._models = chosen or list_models(self.host or "")
         if not ChatUser._models:
             raise StopUser()
 
@@ -115,7 +115,7 @@ class ChatUser(HttpUser):
 
     @task
     def chat(self) -> None:
-        model = self.rng.choice(ChatUser._models)
+        model = self.rng.choice(ChatUser._models or [])
         stream = self.rng.random() < self.stream_share
         name = f"chat {model} {'stream' if stream else 'json'}"
         body = self.body(model, stream)

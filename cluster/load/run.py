@@ -115,8 +115,8 @@ def merged(entries: list[StatsEntry], stats, name: str) -> StatsEntry:
     return out
 
 
-def _latency(entry: StatsEntry) -> dict[str, float]:
-    out = {f"p{round(p * 100)}": entry.get_response_time_percentile(p) if entry.num_requests
+def _latency(entry: StatsEntry) -> dict[str, float | None]:
+    out: dict[str, float | None] = {f"p{round(p * 100)}": entry.get_response_time_percentile(p) if entry.num_requests
            else None for p in PERCENTILES}
     out["mean"] = round(entry.avg_response_time, 2) if entry.num_requests else None
     out["max"] = round(entry.max_response_time, 2) if entry.num_requests else None

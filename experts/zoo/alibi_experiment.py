@@ -71,15 +71,15 @@ def perplexity(model, stream: dict, length: int, tail: int, windows: int, seed: 
     ids = stream["ids"]
     starts = torch.randint(len(ids) - length, (windows,), generator=gen)
     x = torch.stack([ids[s : s + length] for s in starts.tolist()]).long().to(device)
-    nll = []
+    parts = []
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for b in range(0, windows, 32):
             chunk = x[b : b + 32]
             logits = model(input_ids=chunk[:, :-1]).logits.float()
-            nll.append(torch.nn.functional.cross_entropy(
+            parts.append(torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="none"
             ).view(chunk.shape[0], -1).cpu())
-    nll = torch.cat(nll)
+    nll = torch.cat(parts)
     return math.exp(nll.mean().item()), math.exp(nll[:, -tail:].mean().item())
 
 

@@ -39,7 +39,8 @@ def load_base(path: Path, device: str, quantize: bool):
         kwargs["device_map"] = {"": device if device != "cuda" else 0}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = model.to(torch.device(device))  # type: ignore[arg-type]  # transformers' wrapped .to
     return model
 
 

@@ -90,19 +90,15 @@ def build_model(s: dict, tok, seed: int):
     )
     torch.manual_seed(seed)
     if s["arch"] == "llama":
-        config = LlamaConfig(
+        return LlamaForCausalLM(LlamaConfig(
             intermediate_size=s["ffn"], num_key_value_heads=s["kv_heads"], **common
-        )
-        model = LlamaForCausalLM(config)
-    elif s["arch"] in ("falcon-alibi", "falcon-rope"):
-        config = FalconConfig(
+        ))
+    if s["arch"] in ("falcon-alibi", "falcon-rope"):
+        return FalconForCausalLM(FalconConfig(
             ffn_hidden_size=s["ffn"], num_kv_heads=s["kv_heads"], new_decoder_architecture=True,
             alibi=s["arch"] == "falcon-alibi", parallel_attn=True, bias=False, **common,
-        )
-        model = FalconForCausalLM(config)
-    else:
-        raise ValueError(f"unknown arch {s['arch']!r} for {s['name']!r}: llama | falcon-alibi | falcon-rope")
-    return model
+        ))
+    raise ValueError(f"unknown arch {s['arch']!r} for {s['name']!r}: llama | falcon-alibi | falcon-rope")
 
 
 def num_params(model) -> int:
@@ -166,7 +162,7 @@ def train_loop(model, next_batch, s: dict, device: str, *, deadline: float | Non
             losses.append((step, round(value, 4)))
             bar.set_postfix(loss=f"{running:.3f}", lr=f"{group['lr']:.1e}", refresh=False)
         bar.update(1)
-        if fit and (step in (100, 300) or step % probe_every == 0):
+        if fit and deadline is not None and (step in (100, 300) or step % probe_every == 0):
             now = time.time()
             rate = (step - mark[0]) / max(1e-6, now - mark[1])
             fitted = step + int(rate * max(0.0, deadline - now) * 0.97)

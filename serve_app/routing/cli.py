@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -32,7 +33,7 @@ DEFAULT_ROUTER = MODELS_DIR / "router"
 DEFAULT_TIERS = "tier-s,tier-m,tier-l"
 
 
-def _progress():
+def _progress() -> Callable[[str, int, int], None]:
     bars: dict[str, tqdm] = {}
 
     def update(stage: str, done: int, total: int) -> None:

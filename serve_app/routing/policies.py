@@ -74,6 +74,7 @@ class Policies:
         rec = RoutingRecord(policy="moe", details={
             "gate": {e: round(float(p), 4) for e, p in zip(gate.experts, probs)}})
         sticky = self._sticky_expert(request, header, options)
+        chosen: tuple[str, ...]
         if sticky is not None and sticky in gate.experts:
             chosen, reason = (sticky,), "session"
         else:
