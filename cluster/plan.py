@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from frugalserve.experts.spec import MODELS_DIR
+
 GB, GiB = 1e9, 2**30
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 QUANTS = ("none", "int8", "nf4")
@@ -223,8 +225,6 @@ def load_config(model: str | None, shape: str | None) -> tuple[str, dict[str, An
 
 
 def _zoo() -> dict[str, dict[str, Any]]:
-    from frugalserve.experts.spec import MODELS_DIR
-
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(MODELS_DIR.glob("*/config.json"))}
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from frugalserve import __version__
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
     "serve": ("frugalserve.serve_app.run", "start the application from a config file"),
@@ -37,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name in ("-V", "--version"):
-        from frugalserve import __version__
-
         print(__version__)
         return 0
     if name not in SUBCOMMANDS:
