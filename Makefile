@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 CONFIG ?= configs/local.yaml
 
-.PHONY: run test test-vllm lint load bench-batching clean
+.PHONY: run test test-vllm lint typecheck load bench-batching clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(BIN)/frugalserve serve --config $(CONFIG) --num-cpus 8
 
-test: $(VENV)/.installed
+# Lint, type-check, then the test suite: what CI runs (.ci/run).
+test: lint typecheck
 	$(BIN)/python -m pytest
 
 LOAD_HOST ?=
@@ -46,8 +47,18 @@ test-vllm:
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
+# mypy finds modules by path, and the packages install from folders named otherwise
+# (setuptools package-dir), so it reads them through links laid out as the installed package.
+TYPECHECK := build/typecheck
+typecheck: $(VENV)/.installed
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/frugalserve
+	ln -s $(CURDIR)/frugalserve/*.py $(TYPECHECK)/frugalserve/
+	for d in serve_app experts cascade kernels cluster; do ln -s $(CURDIR)/$$d $(TYPECHECK)/frugalserve/$$d; done
+	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
+		--cache-dir $(CURDIR)/.mypy_cache -p frugalserve
+
 bench-batching: $(VENV)/.installed
 	$(BIN)/python benchmarks/batching.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache

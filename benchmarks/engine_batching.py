@@ -2,7 +2,7 @@
 static-batch engine and Hugging Face `generate` on the same model, at batch 1..64, fixed output
 length (ignore_eos), greedy.
 
-    python benchmarks/engine_batching.py --model experts/models/tier-l [--device cuda]
+    python benchmarks/engine_batching.py --model experts/zoo/models/tier-l [--device cuda]
 
 Reports tokens/s and the per-token latency (ms per decoding step at batch 1). Rows: `paged`
 (CUDA graphs on GPU), `paged-eager` (GPU only: graphs off), `static` (one padded batch at a time;
@@ -97,7 +97,7 @@ def time_hf_continuous(engine: TransformersEngine, batch: int, max_tokens: int,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", type=Path, default=Path("experts/models/tier-l"))
+    p.add_argument("--model", type=Path, default=Path("experts/zoo/models/tier-l"))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--batches", default="1,8,32,64")

@@ -17,11 +17,11 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from frugalserve.experts import tasks as T
 from frugalserve.experts.engine import GenerationRequest, SamplingParams
 from frugalserve.experts.quant import linear_weight_bytes
 from frugalserve.experts.spec import resolve_model_path
 from frugalserve.experts.transformers_engine import TransformersEngine
+from frugalserve.experts.zoo import tasks as T
 
 
 def accuracy(engine, tasks_, adapter=None) -> float:

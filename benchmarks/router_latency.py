@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
-    from frugalserve.experts import tasks as T
     from frugalserve.experts.engine import GenerationRequest, SamplingParams
+    from frugalserve.experts.zoo import tasks as T
     from frugalserve.serve_app.app import build_app
     from frugalserve.serve_app.config import load_serve_config
     from ray import serve

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from frugalserve.cascade.calibrate import CalibrationResult, OperatingPoint
-from frugalserve.cascade.features import Projector
+from frugalserve.cascade.features import ANSWER_FEATURES, Projector
 from frugalserve.cascade.gate import Gate
 from frugalserve.cascade.mlp import MLP
+from frugalserve.cascade.policy import OperatingPoint, best_under_budget
 from frugalserve.cascade.scorer import Scorer
 
 FORMAT = "frugalserve-router"
@@ -36,11 +36,11 @@ class RouterArtifact:
     frontier: list[OperatingPoint]
     meta: dict = field(default_factory=dict)
 
-    @classmethod
-    def from_calibration(cls, result: CalibrationResult, featurizer: dict,
-                         meta: dict | None = None) -> RouterArtifact:
-        return cls(result.experts, featurizer, result.projector, result.scorer, result.gate,
-                   result.cascade, result.frontier, dict(meta or {}, **result.summary))
+    def score(self, expert: str, answer_feats: np.ndarray, prompt_feats: np.ndarray) -> np.ndarray:
+        """The scorer's P(correct) of `expert`'s answers: answer features [n, a] with the prompt
+        features [n, d] projected onto the components the scorer was fitted on."""
+        dims = self.scorer.models[expert].mean.shape[0] - len(ANSWER_FEATURES)
+        return self.scorer.score(expert, answer_feats, self.projector(prompt_feats, dims))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -51,7 +51,7 @@ class RouterArtifact:
         arrays.update(self.gate.model.to_arrays("gate"))
         for e, mlp in self.scorer.models.items():
             arrays.update(mlp.to_arrays(f"scorer.{e}"))
-        np.savez(path / "weights.npz", **arrays)
+        np.savez(path / "weights.npz", **arrays)  # type: ignore[arg-type]  # numpy stubs: **arrays
         doc = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -64,7 +64,7 @@ class RouterArtifact:
             "scorers": sorted(self.scorer.models),
             "meta": self.meta,
         }
-        (path / "router.json").write_text(json.dumps(doc, indent=2, default=_json_default))
+        (path / "router.json").write_text(json.dumps(doc, indent=2, default=json_default))
         return path
 
     @classmethod
@@ -88,29 +88,28 @@ class RouterArtifact:
         gate = Gate(experts, MLP.from_arrays(arrays, "gate"), arrays["gate.mean_cost"],
                     cost_weight=g["cost_weight"], floor=g["floor"], default=g["default"], k=g["k"])
         scorer = Scorer({e: MLP.from_arrays(arrays, f"scorer.{e}") for e in doc["scorers"]})
-        point = lambda d: OperatingPoint(tuple(d["order"]), tuple(d["thresholds"]),  # noqa: E731
-                                         d["accuracy"], d["cost"])
         return cls(experts, doc["featurizer"],
                    Projector(arrays["projector.mean"], arrays["projector.components"]),
-                   scorer, gate, point(doc["cascade"]), [point(p) for p in doc["frontier"]],
-                   doc.get("meta", {}))
+                   scorer, gate, OperatingPoint.from_dict(doc["cascade"]),
+                   [OperatingPoint.from_dict(p) for p in doc["frontier"]], doc.get("meta", {}))
 
     def operating_point(self, budget: float | None) -> OperatingPoint:
         """The served cascade, or the most accurate frontier point within `budget`."""
         if budget is None:
             return self.cascade
-        ok = [p for p in self.frontier if p.cost <= budget + 1e-12]
-        if not ok:
+        point = best_under_budget(self.frontier, budget)
+        if point is None:
             raise ArtifactError(
                 f"budget {budget:g} is below the cheapest calibrated operating point "
                 f"({min(p.cost for p in self.frontier):.6g} cost units per request)"
             )
-        return max(ok, key=lambda p: (p.accuracy, -p.cost))
+        return point
 
 
-def _json_default(obj):
+def json_default(obj):
+    """`json.dumps(default=...)` for numpy scalars and arrays."""
     if isinstance(obj, (np.floating, np.integer)):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
-    raise TypeError(f"cannot store {type(obj).__name__} in router.json")
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")

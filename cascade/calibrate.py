@@ -14,28 +14,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from frugalserve.cascade.artifact import RouterArtifact
 from frugalserve.cascade.features import Projector, row_answer_features
 from frugalserve.cascade.gate import Gate, fit_gate
 from frugalserve.cascade.matrix import ResponseMatrix
-from frugalserve.cascade.metrics import PARITY_TOLERANCE, auroc
-from frugalserve.cascade.policy import gate_choose, replay_cascade
-from frugalserve.cascade.scorer import SCORER_KINDS, Scorer, fit_scorer, out_of_fold_scores
+from frugalserve.cascade.metrics import PARITY_TOLERANCE
+from frugalserve.cascade.policy import (
+    OperatingPoint,
+    best_under_budget,
+    replay_cascade,
+    replay_gate,
+)
+from frugalserve.cascade.scorer import Scorer, fit_scorer, select_scorer
 
+GATE_COST_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)  # searched by choose_gate_settings
 SCORER_DIMS = 16  # principal components of the prompt features the scorer sees
 
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    order: tuple[str, ...]
-    thresholds: tuple[float, ...]
-    accuracy: float
-    cost: float
-
-    def as_dict(self) -> dict:
-        return {"order": list(self.order), "thresholds": [float(t) for t in self.thresholds],
-                "accuracy": self.accuracy, "cost": self.cost}
 
 
 @dataclass
@@ -49,6 +44,12 @@ class CalibrationResult:
     oof_scores: np.ndarray  # [n, e] on calib
     oof_gate: np.ndarray  # [n, e] gate P(correct) on calib
     summary: dict = field(default_factory=dict)
+
+    def to_artifact(self, featurizer: dict, meta: dict | None = None) -> RouterArtifact:
+        """What the router serves: the fitted parts, the featurizer's config, and `meta` with
+        the calibration summary."""
+        return RouterArtifact(self.experts, featurizer, self.projector, self.scorer, self.gate,
+                              self.cascade, self.frontier, dict(meta or {}, **self.summary))
 
 
 def answer_feature_matrix(m: ResponseMatrix) -> dict[str, np.ndarray]:
@@ -94,11 +95,6 @@ def pareto(points: Sequence[OperatingPoint]) -> list[OperatingPoint]:
     return best
 
 
-def best_under_budget(frontier: Sequence[OperatingPoint], budget: float) -> OperatingPoint | None:
-    ok = [p for p in frontier if p.cost <= budget + 1e-12]
-    return max(ok, key=lambda p: (p.accuracy, -p.cost)) if ok else None
-
-
 def cheapest_reaching(frontier: Sequence[OperatingPoint], target: float) -> OperatingPoint | None:
     ok = [p for p in frontier if p.accuracy >= target - 1e-12]
     return min(ok, key=lambda p: p.cost) if ok else None
@@ -108,10 +104,9 @@ def choose_gate_settings(gate: Gate, probs: np.ndarray, correct: np.ndarray,
                          tol: float = 0.005) -> dict:
     """Largest cost weight (then floor) whose calib accuracy stays within `tol` of the best."""
     results = []
-    for w in (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0):
-        choice = np.array([gate.experts.index(gate_choose(
-            gate.experts, p, gate.mean_cost, cost_weight=w, floor=0.0,
-            default=gate.default).experts[0]) for p in probs])
+    for w in GATE_COST_WEIGHTS:
+        choice = replay_gate(gate.experts, probs, gate.mean_cost, cost_weight=w, floor=0.0,
+                             default=gate.default)
         acc = float(correct[np.arange(len(choice)), choice].mean())
         cost = float(gate.mean_cost[choice].mean())
         results.append((w, acc, cost))
@@ -138,15 +133,8 @@ def fit_router(m: ResponseMatrix, prompt_feats: np.ndarray, *, tiers: Sequence[s
     oof = np.zeros((m.n, len(m.experts)))
     kinds, scorer_auroc = {}, {}
     for j, e in enumerate(m.experts):
-        # Per expert, keep whichever scorer ranks held-out answers better (out-of-fold AUROC).
-        best = None
-        for kind in SCORER_KINDS:
-            s = out_of_fold_scores(feats[e], scorer_x, m.correct[:, j], kind=kind, seed=seed)
-            a = auroc(s, m.correct[:, j])
-            scorer_auroc[f"{e}/{kind}"] = a
-            if best is None or (a or 0) > (best[1] or 0):
-                best = (kind, a, s)
-        kinds[e], oof[:, j] = best[0], best[2]
+        kinds[e], oof[:, j], aurocs = select_scorer(feats[e], scorer_x, m.correct[:, j], seed)
+        scorer_auroc.update({f"{e}/{kind}": a for kind, a in aurocs.items()})
         if progress:
             progress("scorers", j + 1, len(m.experts))
     scorer = fit_scorer(feats, scorer_x, {e: m.correct[:, j] for j, e in enumerate(m.experts)},
@@ -169,7 +157,8 @@ def fit_router(m: ResponseMatrix, prompt_feats: np.ndarray, *, tiers: Sequence[s
     gate_settings = choose_gate_settings(gate, oof_gate, m.correct)
     gate.cost_weight = gate_settings["cost_weight"]
     return CalibrationResult(
-        experts=list(m.experts), projector=projector, scorer=scorer, gate=gate, frontier=frontier, cascade=served,
+        experts=list(m.experts), projector=projector, scorer=scorer, gate=gate,
+        frontier=frontier, cascade=served,
         oof_scores=oof, oof_gate=oof_gate,
         summary={"tier_accuracy": tier_acc, "gate": gate_settings, "n_prompts": m.n,
                  "scorer_kind": kinds, "scorer_oof_auroc": scorer_auroc},

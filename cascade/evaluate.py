@@ -8,11 +8,11 @@ mixing of the cheapest and largest tier, and the oracle (cheapest correct expert
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from frugalserve.cascade.artifact import RouterArtifact
 from frugalserve.cascade.calibrate import answer_feature_matrix
-from frugalserve.cascade.features import ANSWER_FEATURES
 from frugalserve.cascade.matrix import ResponseMatrix
 from frugalserve.cascade.metrics import (
     accuracy_at_cost,
@@ -22,16 +22,14 @@ from frugalserve.cascade.metrics import (
     cost_saved_at_parity,
     cpt,
 )
-from frugalserve.cascade.policy import gate_choose, replay_cascade
+from frugalserve.cascade.policy import replay_cascade, replay_gate
 
 GATE_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0)
 
 
 def scores_for(art: RouterArtifact, m: ResponseMatrix, prompt_feats: np.ndarray) -> np.ndarray:
-    dims = art.scorer.models[art.experts[0]].mean.shape[0] - len(ANSWER_FEATURES)
-    x = art.projector(prompt_feats, dims)
     feats = answer_feature_matrix(m)
-    return np.stack([art.scorer.score(e, feats[e], x) for e in m.experts], axis=1)
+    return np.stack([art.score(e, feats[e], prompt_feats) for e in m.experts], axis=1)
 
 
 def cascade_outcome(m: ResponseMatrix, scores: np.ndarray, order: Sequence[str],
@@ -43,9 +41,9 @@ def cascade_outcome(m: ResponseMatrix, scores: np.ndarray, order: Sequence[str],
 
 
 def gate_outcome(art: RouterArtifact, m: ResponseMatrix, probs: np.ndarray, weight: float):
-    cols = np.array([m.column(gate_choose(
-        art.gate.experts, p, art.gate.mean_cost, cost_weight=weight, floor=art.gate.floor,
-        default=art.gate.default).experts[0]) for p in probs])
+    chosen = replay_gate(art.gate.experts, probs, art.gate.mean_cost, cost_weight=weight,
+                         floor=art.gate.floor, default=art.gate.default or art.gate.experts[-1])
+    cols = np.array([m.column(art.gate.experts[i]) for i in chosen], dtype=int)
     idx = np.arange(m.n)
     return cols, m.correct[idx, cols], m.cost[idx, cols]
 
@@ -104,7 +102,7 @@ def evaluate_router(art: RouterArtifact, m: ResponseMatrix, prompt_feats: np.nda
     for p in art.frontier:
         _, pok, pspent = cascade_outcome(m, scores, p.order, p.thresholds)
         curve.append((float(pspent.mean()), float(pok.mean())))
-    report = {"cascade": _policy_block(ok, spent, curve, best, weak, strong, resamples, seed)}
+    report: dict[str, Any] = {"cascade": _policy_block(ok, spent, curve, best, weak, strong, resamples, seed)}
     report["cascade"].update({
         "order": list(art.cascade.order), "thresholds": list(art.cascade.thresholds),
         "answered_by": {e: int((cols == m.column(e)).sum()) for e in art.cascade.order},

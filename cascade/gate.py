@@ -29,16 +29,6 @@ class Gate:
                            floor=self.floor, default=self.default or self.experts[-1],
                            k=k or self.k)
 
-    def choose_many(self, prompt_features: np.ndarray) -> np.ndarray:
-        """Index of the top-1 expert for each row (the offline replay of `choose`)."""
-        p = self.probabilities(prompt_features)
-        return np.array([
-            self.experts.index(gate_choose(self.experts, row, self.mean_cost,
-                                           cost_weight=self.cost_weight, floor=self.floor,
-                                           default=self.default or self.experts[-1]).experts[0])
-            for row in p
-        ])
-
 
 def fit_gate(features: np.ndarray, correct: np.ndarray, experts: Sequence[str],
              mean_cost: np.ndarray, seed: int = 0) -> Gate:

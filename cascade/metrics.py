@@ -70,7 +70,7 @@ def pgr_curve(costs: Sequence[float], accs: Sequence[float], weak: tuple[float, 
 
 def apgr(costs, accs, weak, strong) -> float:
     xs, ys = pgr_curve(costs, accs, weak, strong)
-    return float(np.trapezoid(ys, xs)) if hasattr(np, "trapezoid") else float(np.trapz(ys, xs))
+    return float(np.trapezoid(ys, xs))
 
 
 def cpt(costs, accs, weak, strong, target: float) -> float:

@@ -53,6 +53,7 @@ class MLP:
 def fit_mlp(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...] = (32,), seed: int = 0,
             alpha: float = 1e-3) -> MLP:
     """Fit on `x` [n, d] and binary labels `y` [n] or [n, k]."""
+    # scikit-learn only fits: the router loads and runs an artifact with numpy alone
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
@@ -85,7 +86,7 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, hidden: tuple[int, ...] = (32,), seed:
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 1.0) -> MLP:
     """One L2-regularised logistic regression per label column, as a zero-hidden-layer `MLP`."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # fitting only, as in fit_mlp
 
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y).astype(int)

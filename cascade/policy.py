@@ -22,8 +22,8 @@ class GateDecision:
 
 def gate_choose(
     experts: Sequence[str],
-    p_correct: Sequence[float],
-    costs: Sequence[float],
+    p_correct: Sequence[float] | np.ndarray,
+    costs: Sequence[float] | np.ndarray,
     *,
     cost_weight: float,
     floor: float,
@@ -47,6 +47,47 @@ def gate_choose(
         tuple(experts[i] for i in chosen), tuple(float(p[i]) for i in chosen), False,
         f"utility {utility[chosen[0]]:.3f} (P={p[chosen[0]]:.3f}, cost weight {cost_weight})",
     )
+
+
+def replay_gate(
+    experts: Sequence[str],
+    p_correct: np.ndarray,  # [n, e] the gate's P(correct) per prompt and expert
+    costs: Sequence[float] | np.ndarray,
+    *,
+    cost_weight: float,
+    floor: float,
+    default: str,
+) -> np.ndarray:
+    """`gate_choose` (top-1) over a matrix: the chosen expert's column for each prompt."""
+    return np.array([list(experts).index(gate_choose(
+        experts, p, costs, cost_weight=cost_weight, floor=floor, default=default).experts[0])
+        for p in np.atleast_2d(p_correct)], dtype=int)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A calibrated cascade: tiers in order, the acceptance threshold of each but the last, and
+    the accuracy and mean cost per request it reached on the calibration prompts."""
+
+    order: tuple[str, ...]
+    thresholds: tuple[float, ...]
+    accuracy: float
+    cost: float
+
+    def as_dict(self) -> dict:
+        return {"order": list(self.order), "thresholds": [float(t) for t in self.thresholds],
+                "accuracy": self.accuracy, "cost": self.cost}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> OperatingPoint:
+        return cls(tuple(d["order"]), tuple(float(t) for t in d["thresholds"]),
+                   float(d["accuracy"]), float(d["cost"]))
+
+
+def best_under_budget(frontier: Sequence[OperatingPoint], budget: float) -> OperatingPoint | None:
+    """The most accurate operating point whose mean cost is within `budget` (cheaper on ties)."""
+    ok = [p for p in frontier if p.cost <= budget + 1e-12]
+    return max(ok, key=lambda p: (p.accuracy, -p.cost)) if ok else None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from frugalserve.serve_app.config import (
+    APP_IMPORT_PATH,
+    ConfigError,
+    load_serve_config,
+    parse_app_config,
+)
 
 from frugalserve import __version__
 
@@ -84,8 +90,6 @@ class KubeRayError(ValueError):
 def serve_config_for_cluster(serve_config: dict[str, Any], pin_gpus: bool = False) -> dict:
     """The config to embed as `serveConfigV2`: a copy with `http_options.host` = 0.0.0.0 and,
     with `pin_gpus`, `args.gpus: always` in frugalserve applications."""
-    from frugalserve.serve_app.config import APP_IMPORT_PATH
-
     out = copy.deepcopy(serve_config)
     out.setdefault("http_options", {})["host"] = CLUSTER_HOST
     if pin_gpus:
@@ -97,6 +101,7 @@ def serve_config_for_cluster(serve_config: dict[str, Any], pin_gpus: bool = Fals
 
 def check_serve_config(serve_config: dict[str, Any]) -> None:
     """Validate with Ray's own `ServeDeploySchema`, and reject keys it would silently ignore."""
+    # ray: only this check needs it; the manifest itself is written without importing Ray
     from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
     unknown = sorted(set(serve_config) - set(ServeDeploySchema.model_fields))
@@ -125,8 +130,6 @@ def _cpus(quantity: str) -> float:
 
 def expert_apps(serve_config: dict[str, Any]):
     """The validated `AppConfig` of every frugalserve application in a Serve config."""
-    from frugalserve.serve_app.config import APP_IMPORT_PATH, parse_app_config
-
     return [parse_app_config(app.get("args") or {}, where=f"applications[{i}].args")
             for i, app in enumerate(serve_config["applications"])
             if app.get("import_path") == APP_IMPORT_PATH]
@@ -349,8 +352,6 @@ def _argv_text(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from frugalserve.serve_app.config import ConfigError, load_serve_config
-
     opts = ClusterOptions(
         name=args.name, namespace=args.namespace, image=args.image,
         ray_version=args.ray_version, gpus_per_worker=args.gpus_per_worker,

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from frugalserve.experts.spec import MODELS_DIR
+
 GB, GiB = 1e9, 2**30
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 QUANTS = ("none", "int8", "nf4")
@@ -216,14 +218,13 @@ def load_config(model: str | None, shape: str | None) -> tuple[str, dict[str, An
             return path.name, json.loads((path / "config.json").read_text())
         except json.JSONDecodeError as exc:
             raise PlanError(f"--model {model!r}: config.json is not valid JSON ({exc})") from None
+    assert shape is not None
     name = shape.removeprefix("builtin:")
     cfg = SHAPES.get(name) or _zoo().get(name)
     return name, cfg if cfg is not None else _unknown_shape(shape)
 
 
 def _zoo() -> dict[str, dict[str, Any]]:
-    from frugalserve.experts.spec import MODELS_DIR
-
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(MODELS_DIR.glob("*/config.json"))}
 
 

@@ -29,7 +29,7 @@ def check_adapter(base_path: Path, name: str, adapter_path: Path) -> dict:
 
 def attach_adapters(model, base_path: Path, adapters: dict[str, str | Path]):
     """Wrap `model` in a PeftModel holding every adapter; returns the PeftModel."""
-    try:
+    try:  # peft is the optional quant extra: only a base with adapters needs it
         from peft import PeftModel
     except ImportError:
         raise ValueError("LoRA adapters need peft: `pip install 'frugalserve[quant]'`") from None
@@ -44,5 +44,7 @@ def attach_adapters(model, base_path: Path, adapters: dict[str, str | Path]):
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ValueError(f"adapter {name!r} at {path} does not fit base "
                              f"{Path(base_path).name!r}: {str(exc).splitlines()[0]}") from None
+    if peft_model is None:
+        raise ValueError("attach_adapters needs at least one adapter")
     peft_model.eval()
     return peft_model

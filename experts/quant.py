@@ -3,12 +3,18 @@ optional double quantization. bitsandbytes ≥ 0.47 runs both on CPU as well as 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import torch
+from frugalserve.experts.memory import weight_bytes as stored_bytes
+
 
 def quantization_config(kind: str, double_quant: bool = True, compute_dtype=None):
     """A transformers `BitsAndBytesConfig` for `int8` or `nf4`; None for `none`."""
     if kind == "none":
         return None
-    try:
+    try:  # bitsandbytes is the optional quant extra: without it, only `none` works
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError:
@@ -26,8 +32,6 @@ def quantization_config(kind: str, double_quant: bool = True, compute_dtype=None
 
 def weight_bytes(model) -> int:
     """Bytes the weights really take: packed 4-bit and 8-bit storage plus quantization state."""
-    from frugalserve.experts.memory import weight_bytes as stored_bytes
-
     return stored_bytes(model)
 
 
@@ -35,9 +39,6 @@ def check_cpu_4bit(model_path, block: int = 64, rows: int = 32) -> None:
     """bitsandbytes' CPU NF4 kernels need every linear layer's input width to be a multiple of
     the quantization block (64) and its output width a multiple of 32; refuse clearly instead of
     failing mid-request."""
-    import json
-    from pathlib import Path
-
     cfg = json.loads((Path(model_path) / "config.json").read_text())
     hidden = cfg.get("hidden_size")
     heads = cfg.get("num_attention_heads")
@@ -60,8 +61,6 @@ def check_cpu_4bit(model_path, block: int = 64, rows: int = 32) -> None:
 def linear_weight_bytes(model) -> int:
     """Bytes of the quantizable weight matrices (linear layers except the output head),
     NF4 block constants included: what bitsandbytes shrinks."""
-    import torch
-
     total = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and "lm_head" not in name:

@@ -8,18 +8,20 @@ from __future__ import annotations
 import importlib
 import sys
 
+from frugalserve import __version__
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
     "serve": ("frugalserve.serve_app.run", "start the application from a config file"),
-    "demo-models": ("frugalserve.experts.demo", "rebuild the tiny untrained demo models"),
-    "zoo": ("frugalserve.experts.zoo", "train the demo expert zoo (`zoo train`)"),
-    "eval": ("frugalserve.experts.evaluate", "evaluate experts on the task suite"),
-    "calibrate": ("frugalserve.serve_app.routing_cli", "fit the router on a response matrix"),
-    "eval-router": ("frugalserve.serve_app.routing_cli:eval_router_main",
+    "demo-models": ("frugalserve.experts.zoo.demo", "rebuild the tiny untrained demo models"),
+    "zoo": ("frugalserve.experts.zoo.cli", "train the demo expert zoo (`zoo train`)"),
+    "eval": ("frugalserve.experts.zoo.evaluate", "evaluate experts on the task suite"),
+    "calibrate": ("frugalserve.serve_app.routing.cli", "fit the router on a response matrix"),
+    "eval-router": ("frugalserve.serve_app.routing.cli:eval_router_main",
                     "evaluate a calibrated router on held-out prompts"),
     "plan": ("frugalserve.cluster.plan", "capacity planner: memory per token, replicas, GPUs"),
     "kuberay": ("frugalserve.cluster.kuberay", "print a KubeRay RayService manifest"),
-    "finetune": ("frugalserve.experts.finetune", "QLoRA fine-tune an expert on one domain"),
+    "finetune": ("frugalserve.experts.zoo.finetune", "QLoRA fine-tune an expert on one domain"),
 }
 
 
@@ -37,8 +39,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name in ("-V", "--version"):
-        from frugalserve import __version__
-
         print(__version__)
         return 0
     if name not in SUBCOMMANDS:

@@ -7,8 +7,6 @@ import hmac
 import os
 from pathlib import Path
 
-ACTIVE_KEYS: frozenset[str] | None = None  # this router process's keys; None: auth off
-
 
 def load_keys(env: str | None, file: str | None) -> frozenset[str] | None:
     """The accepted keys, or None when auth is off. Raises if configured but empty."""

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from frugalserve.experts.spec import ExpertSpec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from frugalserve.cascade.artifact import ArtifactError, RouterArtifact
+from frugalserve.experts.spec import ExpertSpec, resolve_model_path
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 APP_IMPORT_PATH = "frugalserve.serve_app.app:build_app"
 RESERVED_MODEL_IDS = frozenset({"moe", "cascade"})
@@ -78,6 +79,7 @@ class AppConfig(BaseModel):
         description="reserve `resources.num_gpus` per expert replica: auto = only where the "
         "Ray cluster has GPUs",
     )
+    _artifact: RouterArtifact | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _check(self) -> AppConfig:
@@ -100,9 +102,7 @@ class AppConfig(BaseModel):
         return self
 
     def _check_artifact(self, names: list[str]) -> None:
-        from frugalserve.cascade.artifact import ArtifactError, RouterArtifact
-        from frugalserve.experts.spec import resolve_model_path
-
+        assert self.routing.artifact is not None
         try:
             art = RouterArtifact.load(resolve_model_path(self.routing.artifact))
         except ArtifactError as exc:
@@ -111,6 +111,12 @@ class AppConfig(BaseModel):
         if missing:
             raise ValueError(f"routing.artifact {self.routing.artifact!r} routes to experts "
                              f"{missing} that this config does not define")
+        self._artifact = art
+
+    @property
+    def artifact(self) -> RouterArtifact | None:
+        """The router artifact of `routing.artifact`, loaded once, when this config was validated."""
+        return self._artifact
 
     def model_ids(self) -> list[str]:
         """Every expert a client can name: experts and the LoRA adapters they serve."""

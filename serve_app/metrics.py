@@ -9,6 +9,9 @@ Names follow vLLM's habits (`time_to_first_token_seconds`, `inter_token_latency_
 from __future__ import annotations
 
 import functools
+import time
+
+from ray.serve.metrics import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56]
@@ -17,8 +20,6 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 @functools.cache
 def router_metrics():
-    from ray.serve.metrics import Counter, Histogram
-
     return {
         "requests": Counter("frugalserve_requests", "requests by model, policy and HTTP status",
                             tag_keys=("model", "policy", "status")),
@@ -45,8 +46,6 @@ def router_metrics():
 
 @functools.cache
 def expert_metrics():
-    from ray.serve.metrics import Gauge, Histogram
-
     return {
         "batch_size": Histogram("frugalserve_batch_size", "sequences per engine step "
                                 "(continuous batching) or requests per engine call (static)",
@@ -66,7 +65,7 @@ def expert_metrics():
     }
 
 
-def record_outcome(record: dict, model: str) -> None:
+def record_outcome(record: dict) -> None:
     """Count tokens, cost, escalations and gate choices of one answered request."""
     m = router_metrics()
     for run in record.get("runs", []):
@@ -78,3 +77,25 @@ def record_outcome(record: dict, model: str) -> None:
         m["escalations"].inc(record["escalations"], {"policy": record.get("policy", "direct")})
     for expert in record.get("gate_choice", []):
         m["gate_choice"].inc(1, {"expert": expert})
+
+
+class StreamTimer:
+    """TTFT, inter-token latency and end-to-end latency of one streamed response (the middleware
+    times the other responses)."""
+
+    def __init__(self, started: float, model: str, policy: str):
+        self.started, self.model, self.policy = started, model, policy
+        self.last: float | None = None
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        m = router_metrics()
+        if self.last is None:
+            m["ttft"].observe(now - self.started, {"model": self.model})
+        else:
+            m["itl"].observe(now - self.last, {"model": self.model})
+        self.last = now
+
+    def done(self) -> None:
+        router_metrics()["e2e"].observe(time.perf_counter() - self.started,
+                                        {"model": self.model, "policy": self.policy})

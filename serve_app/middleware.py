@@ -21,19 +21,17 @@ def api_path(scope) -> str:
 
 
 class RouterMiddleware:
-    def __init__(self, app):
-        self.app = app
+    """`api_keys`: the keys a /v1 request must bear one of; None: no auth."""
+
+    def __init__(self, app, api_keys: frozenset[str] | None = None):
+        self.app, self.api_keys = app, api_keys
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not api_path(scope).startswith("/v1/"):
             return await self.app(scope, receive, send)
-        # Serve pickles the router by value, so process-wide state lives in a module imported
-        # at run time, not in a global of this one.
-        from frugalserve.serve_app import auth
-
-        if auth.ACTIVE_KEYS is not None:
+        if self.api_keys is not None:
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not authorized(header, auth.ACTIVE_KEYS):
+            if not authorized(header, self.api_keys):
                 response = JSONResponse(error_body(
                     "Incorrect or missing API key: send `Authorization: Bearer <key>`",
                     "invalid_request_error", None, "invalid_api_key"), 401)
@@ -54,6 +52,6 @@ class RouterMiddleware:
                 m = router_metrics()
                 model, policy = state.get("model", "unknown"), state.get("policy", "none")
                 m["requests"].inc(1, {"model": model, "policy": policy, "status": str(status[0])})
-                if not state.get("streaming", False):  # streams record their own (see _Timing)
+                if not state.get("streaming", False):  # streams time their own (StreamTimer)
                     m["e2e"].observe(time.perf_counter() - start,
                                      {"model": model, "policy": policy})

@@ -13,6 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# OpenAI's default for /v1/completions. Chat requests have none: the expert's
+# `max_tokens_default` applies, capped by the context left.
+COMPLETIONS_MAX_TOKENS = 16
+
 
 class UnsupportedParameter(ValueError):
     """A known OpenAI parameter set to a value frugalserve does not support."""
@@ -144,7 +148,8 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] = Field(..., description="one prompt (a list of one is accepted)")
-    max_tokens: int | None = Field(16, ge=1, description="tokens to generate at most")
+    max_tokens: int | None = Field(COMPLETIONS_MAX_TOKENS, ge=1,
+                                   description="tokens to generate at most")
     logprobs: int | None = Field(None, ge=0, le=1, description="0 or 1: the sampled token's logprob")
     echo: bool = Field(False, description="not supported (must be false)")
     suffix: str | None = Field(None, max_length=0, description="not supported")
@@ -170,6 +175,10 @@ class CompletionRequest(_Common):
 
     def wanted_tokens(self) -> int | None:
         return self.max_tokens
+
+    def prompt_text(self) -> str:
+        """The one prompt (the validator has unpacked a list of one)."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
 def new_id(prefix: str) -> str:

@@ -1,21 +1,28 @@
 """A remote OpenAI-compatible endpoint as an expert (`kind: openai`), e.g. a hosted model at the
-end of a cascade. The API key comes from an environment variable and never reaches logs."""
+end of a cascade: the HTTP `ExpertClient`. The API key comes from an environment variable and
+never reaches logs. It answers whole, so a stream of it is its answer in one piece."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+from typing import Any
 
 import httpx
 from frugalserve.experts.engine import Completion, GenerationRequest
+from frugalserve.experts.spec import ExpertSpec
+from frugalserve.serve_app.clients import ExpertStream, expert_error, prompt_param
+from frugalserve.serve_app.errors import APIError
 
 
 class RemoteExpertError(RuntimeError):
     """The remote endpoint could not be reached or answered with an error."""
 
 
-class RemoteExpert:
-    def __init__(self, spec, timeout_s: float):
-        self.spec = spec
+class RemoteClient:
+    def __init__(self, spec: ExpertSpec, timeout_s: float):
+        self.spec, self.name, self.timeout_s = spec, spec.name, timeout_s
+        assert spec.base_url is not None  # the spec's validator requires it for kind openai
         key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client = httpx.AsyncClient(
@@ -23,7 +30,7 @@ class RemoteExpert:
             timeout=httpx.Timeout(timeout_s, connect=spec.connect_timeout_s),
         )
 
-    def info(self) -> dict:
+    async def info(self) -> dict[str, Any]:
         s = self.spec
         return {
             "name": s.name, "model": s.remote_model or s.name, "engine": "openai",
@@ -35,8 +42,21 @@ class RemoteExpert:
         }
 
     async def generate(self, request: GenerationRequest) -> Completion:
+        try:
+            return await asyncio.wait_for(self._post(request), self.timeout_s)
+        except RemoteExpertError as exc:
+            raise APIError(503, str(exc), type="server_error", code="expert_unavailable") from None
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - mapped to an OpenAI-shaped error
+            raise expert_error(exc, self.name, prompt_param(request)) from None
+
+    async def stream(self, request: GenerationRequest) -> ExpertStream:
+        return ExpertStream.whole(self.name, await self.generate(request))
+
+    async def _post(self, request: GenerationRequest) -> Completion:
         p = request.params
-        body = {"model": self.spec.remote_model or self.spec.name, "temperature": p.temperature,
+        body: dict[str, Any] = {"model": self.spec.remote_model or self.spec.name, "temperature": p.temperature,
                 "top_p": p.top_p, "logprobs": True}
         if p.max_tokens is not None:
             body["max_tokens"] = p.max_tokens

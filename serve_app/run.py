@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # ray (and the app, which imports it) only now: a bad config is reported without the seconds
+    # that importing Ray takes
     import ray
     from frugalserve.serve_app.app import build_app
     from ray import serve

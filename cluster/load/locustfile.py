@@ -1,7 +1,7 @@
 """Locust users that chat with frugalserve: mixed domains and models, streaming and not.
 
 Each user loops without pause (concurrency = users): it draws a prompt (arithmetic, text
-operations or facts, from `frugalserve.experts.tasks` where present), a model (`moe`, `cascade`
+operations or facts, from `frugalserve.experts.zoo.tasks` where present), a model (`moe`, `cascade`
 or an expert: every id `/v1/models` lists, or `--fs-models`) and streaming or not
 (`--fs-stream-share`), and sends `/v1/chat/completions`. Events in locust's stats:
 
@@ -64,8 +64,8 @@ def _builtin_prompt(domain: str, rng: random.Random) -> str:
 def make_prompt(rng: random.Random) -> tuple[str, str]:
     """(domain, prompt): the project's task suite where installed, a small generator otherwise."""
     domain = rng.choice(DOMAINS)
-    try:
-        from frugalserve.experts.tasks import sample
+    try:  # optional: the locustfile also runs where frugalserve is not installed
+        from frugalserve.experts.zoo.tasks import sample
     except ImportError:
         return domain, _builtin_prompt(domain, rng)
     return domain, sample(domain, rng).prompt
@@ -99,7 +99,7 @@ class ChatUser(HttpUser):
         self.budget = _option(env, "fs_budget", None)
         if ChatUser._models is None:
             chosen = [m.strip() for m in str(_option(env, "fs_models", "")).split(",") if m.strip()]
-            ChatUser._models = chosen or list_models(self.host)
+            ChatUser._models = chosen or list_models(self.host or "")
         if not ChatUser._models:
             raise StopUser()
 
@@ -115,7 +115,7 @@ class ChatUser(HttpUser):
 
     @task
     def chat(self) -> None:
-        model = self.rng.choice(ChatUser._models)
+        model = self.rng.choice(ChatUser._models or [])
         stream = self.rng.random() < self.stream_share
         name = f"chat {model} {'stream' if stream else 'json'}"
         body = self.body(model, stream)

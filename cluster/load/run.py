@@ -29,6 +29,7 @@ from pathlib import Path
 
 import gevent
 import locust.stats
+import requests
 from frugalserve.cluster.load import locustfile
 from locust.env import Environment
 from locust.stats import StatsCSVFileWriter, StatsEntry
@@ -74,8 +75,6 @@ def _free_port() -> int:
 def serving(config: str, out: Path, timeout_s: float, num_cpus: int) -> Iterator[str]:
     """`frugalserve serve --config CONFIG` in its own process; yields its URL once /healthz
     answers, stops it (SIGTERM: Serve and Ray shut down cleanly) when the block ends."""
-    import requests
-
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     out.mkdir(parents=True, exist_ok=True)
@@ -115,8 +114,8 @@ def merged(entries: list[StatsEntry], stats, name: str) -> StatsEntry:
     return out
 
 
-def _latency(entry: StatsEntry) -> dict[str, float]:
-    out = {f"p{round(p * 100)}": entry.get_response_time_percentile(p) if entry.num_requests
+def _latency(entry: StatsEntry) -> dict[str, float | None]:
+    out: dict[str, float | None] = {f"p{round(p * 100)}": entry.get_response_time_percentile(p) if entry.num_requests
            else None for p in PERCENTILES}
     out["mean"] = round(entry.avg_response_time, 2) if entry.num_requests else None
     out["max"] = round(entry.max_response_time, 2) if entry.num_requests else None

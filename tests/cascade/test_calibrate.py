@@ -50,7 +50,7 @@ def test_quantile_threshold_hits_the_share():
 
 
 def test_held_out_evaluation_beats_random_and_saves_cost(fitted, test_matrix, tmp_path):
-    art = RouterArtifact.from_calibration(fitted, FEAT.config())
+    art = fitted.to_artifact(FEAT.config())
     art.save(tmp_path / "r")
     loaded = RouterArtifact.load(tmp_path / "r")
     x = FEAT(test_matrix.prompts)
@@ -72,7 +72,7 @@ def test_held_out_evaluation_beats_random_and_saves_cost(fitted, test_matrix, tm
 def test_artifact_of_another_version_is_refused(fitted, tmp_path):
     import json
 
-    path = RouterArtifact.from_calibration(fitted, FEAT.config()).save(tmp_path / "r")
+    path = fitted.to_artifact(FEAT.config()).save(tmp_path / "r")
     doc = json.loads((path / "router.json").read_text())
     doc["version"] = 999
     (path / "router.json").write_text(json.dumps(doc))
@@ -83,7 +83,7 @@ def test_artifact_of_another_version_is_refused(fitted, tmp_path):
 
 
 def test_budget_picks_an_operating_point(fitted):
-    art = RouterArtifact.from_calibration(fitted, FEAT.config())
+    art = fitted.to_artifact(FEAT.config())
     cheap = art.frontier[0].cost
     assert art.operating_point(cheap * 1.0001).cost <= cheap * 1.0001
     with pytest.raises(ArtifactError, match="below the cheapest"):
@@ -94,5 +94,12 @@ def test_cascade_package_imports_neither_torch_nor_ray():
     code = ("import sys, frugalserve.cascade.calibrate, frugalserve.cascade.evaluate, "
             "frugalserve.cascade.artifact; "
             "print([m for m in ('torch', 'ray', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_runtime_artifact_needs_no_fitting_code():
+    code = ("import sys, frugalserve.cascade.artifact; print([m for m in ('frugalserve.cascade"
+            ".calibrate', 'frugalserve.cascade.evaluate', 'sklearn') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

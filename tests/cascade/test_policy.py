@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from frugalserve.cascade.policy import cascade_step, gate_choose, replay_cascade
+from frugalserve.cascade.policy import cascade_step, gate_choose, replay_cascade, replay_gate
 
 
 def test_gate_picks_cheapest_when_equally_likely():
@@ -53,3 +53,13 @@ def test_replay_matches_stepwise_decisions():
                 break
             tier += 1
         assert answered[i] == tier and spent[i] == total and ok[i] == correct[i, tier]
+
+
+def test_replay_gate_matches_choices_one_by_one():
+    rng = np.random.default_rng(1)
+    probs, costs = rng.random((100, 3)), [1.0, 4.0, 9.0]
+    chosen = replay_gate(["a", "b", "c"], probs, costs, cost_weight=0.3, floor=0.4, default="c")
+    for p, col in zip(probs, chosen):
+        d = gate_choose(["a", "b", "c"], p, costs, cost_weight=0.3, floor=0.4, default="c")
+        assert "abc"[col] == d.experts[0]
+    assert (chosen == 2).sum() > (probs.max(axis=1) < 0.4).sum() - 1  # every fallback went to c

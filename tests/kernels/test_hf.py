@@ -105,10 +105,8 @@ def test_falcon_alibi_matches_transformers(variant, model_atol):
 def test_falcon_alibi_against_float64(capsys):
     """12 heads (slopes 2^-0.5, 2^-1.5, ... not exact in bfloat16), 300 tokens: our path vs a float64 run of
     the same math, and how far transformers' own eager/sdpa paths (ALiBi built in bfloat16) are from it."""
-    model = _falcon("gqa", heads=12, hidden=384)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 99, (1, 300), generator=g)
-    ref64 = None
     dist = {}
     for dtype in (torch.float32, torch.bfloat16):
         m = _falcon("gqa", heads=12, hidden=384).to(dtype)
@@ -117,6 +115,7 @@ def test_falcon_alibi_against_float64(capsys):
             dist[f"transformers-{impl}-{dtype}"] = m(ids).logits[:, -1].double()
         hf.enable_for_model(m)
         dist[f"frugalserve-{dtype}"] = m(ids).logits[:, -1].double()
+    model = _falcon("gqa", heads=12, hidden=384)
     hf.enable_for_model(model)
     ref64 = model.double()(ids).logits[:, -1]
     dist = {k: (v - ref64).abs().max().item() for k, v in dist.items()}
@@ -126,6 +125,31 @@ def test_falcon_alibi_against_float64(capsys):
     assert dist["frugalserve-torch.float32"] < 1e-4
     assert dist["frugalserve-torch.float32"] <= dist["transformers-eager-torch.float32"] + 1e-6
     assert all(v == v for v in dist.values())
+
+
+@torch.no_grad()
+def test_falcon_alibi_float64_stays_near_transformers_eager():
+    """The float64 reference above is our own adapter; bound it by transformers' own eager path
+    in float64 as well, over every position. They differ only by transformers' ALiBi, built from
+    bfloat16 slopes (measured 1.2e-2 on logits of magnitude ~1.3); a wrong adapter is far off
+    (the slopes reversed: 0.24)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 99, (1, 300), generator=g)
+    eager = _falcon("gqa", heads=12, hidden=384).double()
+    eager.set_attn_implementation("eager")
+    theirs = eager(ids).logits[0]
+    model = _falcon("gqa", heads=12, hidden=384)
+    hf.enable_for_model(model)
+    ours = model.double()(ids).logits[0]
+    assert (ours - theirs).abs().max().item() < 0.03
+    # and the gap is transformers' bfloat16 ALiBi: it shrinks to rounding once those slopes are
+    # exact: 4 heads (powers of two) and positions < 256, where the paths agree to rounding
+    ids4 = ids[:, :200]
+    eager4 = _falcon("gqa").double()
+    eager4.set_attn_implementation("eager")
+    model4 = _falcon("gqa")
+    hf.enable_for_model(model4)
+    assert (model4.double()(ids4).logits - eager4(ids4).logits).abs().max().item() < 1e-7
 
 
 def test_enable_reports_unsupported():

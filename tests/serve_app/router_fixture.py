@@ -10,10 +10,10 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
-from frugalserve.cascade.artifact import RouterArtifact
-from frugalserve.cascade.calibrate import OperatingPoint, fit_router
+from frugalserve.cascade.calibrate import fit_router
 from frugalserve.cascade.features import HashedPromptFeaturizer
 from frugalserve.cascade.matrix import ResponseMatrix
+from frugalserve.cascade.policy import OperatingPoint
 from frugalserve.experts.engine import GenerationRequest, SamplingParams
 from frugalserve.experts.spec import default_cost_per_1k, resolve_model_path
 from frugalserve.experts.transformers_engine import TransformersEngine
@@ -58,7 +58,7 @@ def build_demo_router(out: Path) -> Path:
     feat = HashedPromptFeaturizer()
     x = feat(m.prompts)
     result = fit_router(m, x, tiers=list(TIERS))
-    art = RouterArtifact.from_calibration(result, feat.config(), meta={"tiers": list(TIERS)})
+    art = result.to_artifact(feat.config(), meta={"tiers": list(TIERS)})
     # Serve a two-tier cascade whose threshold splits the calibration prompts in half, so both
     # "accept" and "escalate" happen in the tests.
     from frugalserve.cascade.evaluate import scores_for

@@ -4,9 +4,9 @@ in-process run gives."""
 from __future__ import annotations
 
 import pytest
-from frugalserve.experts import evaluate as E
-from frugalserve.experts import tasks as T
 from frugalserve.experts.spec import resolve_model_path
+from frugalserve.experts.zoo import evaluate as E
+from frugalserve.experts.zoo import tasks as T
 
 pytestmark = pytest.mark.slow
 

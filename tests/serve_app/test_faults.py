@@ -63,24 +63,32 @@ def test_api_keys(guarded):
 
 
 def test_full_queue_gets_a_503_not_a_wait(guarded):
+    finished: list[int] = []  # status codes in the order the responses came back
+
     async def burst():
         async with httpx.AsyncClient(base_url=guarded, timeout=120, headers=AUTH) as c:
-            return await asyncio.gather(*[
-                c.post("/v1/chat/completions", json=body(f"long {i}", max_tokens=300))
-                for i in range(8)])
+            async def one(i):
+                r = await c.post("/v1/chat/completions",
+                                 json=body(f"long {i}", max_tokens=300, ignore_eos=True))
+                finished.append(r.status_code)
+                return r
+            return await asyncio.gather(*[one(i) for i in range(8)])
 
-    t0 = time.monotonic()
     responses = asyncio.run(burst())
     codes = sorted(r.status_code for r in responses)
     assert 200 in codes and 503 in codes, codes
     for r in responses:
         if r.status_code == 503:
             assert r.json()["error"]["code"] == "overloaded"
-    assert time.monotonic() - t0 < 100
+    # turned away while the expert was busy, not made to wait: a 503 is only given while the queue
+    # is full, and the queued request still has all its 300 tokens to generate, so every 503 is
+    # back before the last 200
+    assert finished[-1] == 200, finished
     with httpx.Client(base_url=guarded, timeout=60, headers=AUTH) as c:
         assert c.post("/v1/chat/completions", json=body()).status_code == 200
 
 
+@pytest.mark.timeout(120)  # the engine never noticing the gone client would hang here
 def test_disconnect_mid_stream_frees_the_batch_slot(app_url):
     from ray import serve
 
@@ -93,14 +101,13 @@ def test_disconnect_mid_stream_frees_the_batch_slot(app_url):
             for _ in range(3):
                 next(lines)
         # leaving the block closes the connection mid-stream
-    deadline = time.monotonic() + 30
-    while handle.stats.remote().result()["cancelled"] == before:
-        assert time.monotonic() < deadline, "the engine kept decoding for a gone client"
+    while handle.stats.remote().result()["cancelled"] == before:  # cancelled, not run out
         time.sleep(0.2)
     with httpx.Client(base_url=app_url, timeout=60) as c:
         assert c.post("/v1/chat/completions", json=body()).status_code == 200
 
 
+@pytest.mark.timeout(300)  # no replacement replica would hang here
 def test_killed_replica_is_replaced_and_nothing_hangs(guarded):
     from ray import serve
 
@@ -120,18 +127,12 @@ def test_killed_replica_is_replaced_and_nothing_hangs(guarded):
             os.kill(pid, signal.SIGKILL)
             return await asyncio.gather(*tasks)
 
-    t0 = time.monotonic()
     codes = asyncio.run(load())
-    elapsed = time.monotonic() - t0
     ok = sum(c == 200 for c in codes)
-    print(f"\nreplica killed under load: {ok}/{len(codes)} answered 200, others {sorted(set(codes) - {200}, key=str)}, {elapsed:.1f} s")
+    print(f"\nreplica killed under load: {ok}/{len(codes)} answered 200, others "
+          f"{sorted(set(codes) - {200}, key=str)}")
     assert all(c in (200, 503) for c in codes), codes  # every request answered, none hung
-    deadline = time.monotonic() + 90
     with httpx.Client(base_url=guarded, timeout=60, headers=AUTH) as c:
-        while True:
-            r = c.post("/v1/chat/completions", json=body("after the fault"))
-            if r.status_code == 200:
-                break
-            assert time.monotonic() < deadline, r.text
+        while c.post("/v1/chat/completions", json=body("after the fault")).status_code != 200:
             time.sleep(1)
     assert handle.stats.remote().result()["pid"] != pid

@@ -25,15 +25,14 @@ def total(samples, name: str, **labels) -> float:
     return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
 
 
-def wait_for(url, check, timeout_s=40.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        samples = scrape(url)
-        if check(samples) or time.monotonic() > deadline:
-            return samples
+def wait_for(url, check):
+    """The first scrape that passes `check` (the test's timeout bounds the wait)."""
+    while not check(samples := scrape(url)):
         time.sleep(1.0)
+    return samples
 
 
+@pytest.mark.timeout(180)  # a series that never reaches the exporter would hang here
 def test_requests_tokens_latency_and_batches_are_exported(app_url, metrics_url):
     before = scrape(metrics_url)
     n, tokens = 3, 0
@@ -52,23 +51,25 @@ def test_requests_tokens_latency_and_batches_are_exported(app_url, metrics_url):
         assert c.post("/v1/chat/completions", json={"model": "nope", "messages": [
             {"role": "user", "content": "x"}]}).status_code == 404
 
-    req = "ray_frugalserve_requests_total"
+    req, gen = "ray_frugalserve_requests_total", "ray_frugalserve_completion_tokens_total"
 
-    def done(s):
-        return total(s, req, model="demo-falcon", status="200") - \
-            total(before, req, model="demo-falcon", status="200") >= n + 1 and \
-            total(s, "ray_frugalserve_weight_bytes", expert="demo-falcon") > 0
+    def missing(s) -> list[str]:
+        """What has not reached the exporter yet (each series gets there on its own schedule)."""
+        grew = {
+            "requests 200": total(s, req, model="demo-falcon", status="200")
+            - total(before, req, model="demo-falcon", status="200") >= n + 1,
+            "requests 404": total(s, req, status="404") > total(before, req, status="404"),
+            "completion tokens": total(s, gen, expert="demo-falcon")
+            - total(before, gen, expert="demo-falcon") >= tokens,
+            "weight bytes": total(s, "ray_frugalserve_weight_bytes", expert="demo-falcon") > 0,
+            **{name: total(s, name) > total(before, name) for name in (
+                "ray_frugalserve_e2e_request_latency_seconds_count",
+                "ray_frugalserve_time_to_first_token_seconds_count",
+                "ray_frugalserve_batch_size_count")},
+        }
+        return [k for k, ok in grew.items() if not ok]
 
-    after = wait_for(metrics_url, done)
-    assert done(after), "request counter did not reach the expected value"
-    assert total(after, req, status="404") > total(before, req, status="404")
-    gen = "ray_frugalserve_completion_tokens_total"
-    assert total(after, gen, expert="demo-falcon") - total(before, gen, expert="demo-falcon") \
-        >= tokens
-    for name in ("ray_frugalserve_e2e_request_latency_seconds_count",
-                 "ray_frugalserve_time_to_first_token_seconds_count",
-                 "ray_frugalserve_batch_size_count"):
-        assert total(after, name) > total(before, name), name
+    after = wait_for(metrics_url, lambda s: not missing(s))
     assert any(n == "ray_frugalserve_queue_depth" for n, _ in after)
     # the memory profile and the autoscaling signal of each expert
     assert total(after, "ray_frugalserve_kv_bytes_per_token", expert="demo-falcon") > 0

@@ -181,12 +181,9 @@ def test_remote_expert_is_a_second_frugalserve(http, app_url):
 
 
 def test_unreachable_remote_fails_fast_and_cleanly(http):
-    import time
-
-    t0 = time.monotonic()
     r = http.post("/v1/chat/completions", json={
         "model": "dead", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 503 and r.json()["error"]["code"] == "expert_unavailable"
-    assert "unreachable" in r.json()["error"]["message"]
-    assert time.monotonic() - t0 < 30
+    # refused at once, not given up on after a timeout (that would be a ConnectTimeout or a 504)
+    assert "unreachable: ConnectError" in r.json()["error"]["message"]
     assert chat(http, "still serving", model="demo-llama")["model"] == "demo-llama"

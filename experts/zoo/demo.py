@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 from frugalserve.experts.spec import MODELS_DIR
-from frugalserve.experts.tokenizer import train_tokenizer
+from frugalserve.experts.zoo.tokenizer import train_tokenizer
+from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM
 
 DEMO_CORPUS = [
     "What is 12 + 30? The answer is 42.",
@@ -25,9 +27,6 @@ DEMO_CORPUS = [
 
 
 def build_demo_models(out_dir: Path = MODELS_DIR, seed: int = 0) -> list[Path]:
-    import torch
-    from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM
-
     tokenizer = train_tokenizer(DEMO_CORPUS * 20, vocab_size=320)
     vocab = len(tokenizer)
     common = dict(

@@ -7,10 +7,11 @@ import json
 import re
 
 import pytest
-from frugalserve.experts import tasks as T
-from frugalserve.experts import zoo
+from frugalserve.experts.spec import MODELS_DIR
+from frugalserve.experts.zoo import cli, data, train
+from frugalserve.experts.zoo import tasks as T
 
-MODELS = zoo.MODELS_DIR
+MODELS = MODELS_DIR
 TIERS = ("tier-s", "tier-m", "tier-l")
 EXPERTS = {"expert-arith": "arith", "expert-text": "text", "expert-facts": "facts"}
 GENERALIST = "generalist-1.5m"  # the generalist of the experts' size
@@ -31,10 +32,10 @@ def test_training_a_tiny_model_saves_a_loadable_hf_model(tmp_path, arch):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = zoo.load_tokenizer()
-    pools = zoo.build_pools(zoo.TOKENIZER_DIR, ["arith", "text"], 64, 0, 40, procs=1)
+    tok = data.load_tokenizer()
+    pools = data.build_pools(data.TOKENIZER_DIR, ["arith", "text"], 64, 0, 40, procs=1)
     settings = {**TINY, "arch": arch, "name": f"tiny-{arch}"}
-    record = zoo.train_model(settings, pools, tok, tmp_path, "cpu", None, seed=0, eval_per_domain=1)
+    record = train.train_model(settings, pools, tok, tmp_path, "cpu", None, seed=0, eval_per_domain=1)
     assert record["steps"] == 4 and record["final_loss"] > 0
     path = tmp_path / f"tiny-{arch}"
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -46,11 +47,11 @@ def test_training_a_tiny_model_saves_a_loadable_hf_model(tmp_path, arch):
 
 
 def test_training_is_seeded(tmp_path):
-    tok = zoo.load_tokenizer()
-    pools = zoo.build_pools(zoo.TOKENIZER_DIR, ["arith", "text"], 64, 0, 40, procs=1)
+    tok = data.load_tokenizer()
+    pools = data.build_pools(data.TOKENIZER_DIR, ["arith", "text"], 64, 0, 40, procs=1)
     weights = []
     for run in ("a", "b"):
-        zoo.train_model({**TINY, "name": run}, pools, tok, tmp_path, "cpu", None, seed=0)
+        train.train_model({**TINY, "name": run}, pools, tok, tmp_path, "cpu", None, seed=0)
         weights.append((tmp_path / run / "model.safetensors").read_bytes())
     assert weights[0] == weights[1]
 
@@ -58,24 +59,24 @@ def test_training_is_seeded(tmp_path):
 def test_zoo_train_command_line(tmp_path, capsys):
     config = tmp_path / "zoo.yaml"
     config.write_text(json.dumps({
-        "seed": 0, "tokenizer": "experts/models/tokenizer",
+        "seed": 0, "tokenizer": "experts/zoo/models/tokenizer",
         "train": {**{k: v for k, v in TINY.items() if k not in ("arch", "domains")}, "max_len": 40,
                   "pool_per_domain": 64, "eval_per_domain": 2},
         "models": {"tiny": {"arch": "llama", "domains": ["facts"], "hidden": 32, "layers": 1,
                             "heads": 2, "kv_heads": 1, "ffn": 64}},
     }))
-    assert zoo.main(["train", "--config", str(config), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert cli.main(["train", "--config", str(config), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
     assert (tmp_path / "out" / "tiny" / "config.json").is_file()
     assert "tiny" in capsys.readouterr().out
 
 
 def test_alibi_experiment_runs_end_to_end(tmp_path):
-    from frugalserve.experts import alibi_experiment as A
+    from frugalserve.experts.zoo import alibi_experiment as A
 
     config = tmp_path / "zoo.yaml"
     twin = {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 2, "ffn": 96}
     config.write_text(json.dumps({
-        "seed": 0, "tokenizer": "experts/models/tokenizer",
+        "seed": 0, "tokenizer": "experts/zoo/models/tokenizer",
         "train": {**{k: v for k, v in TINY.items() if k not in ("arch", "domains")}, "max_len": 40},
         "alibi": {"max_len": 24, "factors": [1, 2], "pool_per_domain": 64, "eval_windows": 4,
                   "eval_prompts": 6, "models": {"a": {"arch": "falcon-alibi", **twin},
@@ -143,7 +144,7 @@ def test_one_falcon_expert_uses_alibi_with_grouped_kv_heads():
 @pytest.fixture(scope="module")
 def matrix():
     """The response matrix of the committed models on the fixed slice (the evaluation harness)."""
-    from frugalserve.experts.evaluate import evaluate
+    from frugalserve.experts.zoo.evaluate import evaluate
 
     return evaluate([(n, MODELS / n) for n in COMMITTED], T.generate("test", SLICE), batch_size=100,
                     progress=False)

@@ -234,6 +234,8 @@ def make_fact(rng: random.Random, difficulty: int | None = None, *, zipf: bool =
         cum = _zipf_cumulative(len(entities), ZIPF_OFFSET)
         entity = entities[rng.choices(range(len(entities)), cum_weights=cum)[0]]
     else:
+        if difficulty is None:
+            raise ValueError("make_fact needs a difficulty unless it draws by popularity (zipf)")
         lo, hi = POPULARITY_BANDS[difficulty - 1]
         entity = entities[rng.randrange(lo, hi)]
     attr = rng.choice(ATTRIBUTES)

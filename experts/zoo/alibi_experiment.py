@@ -18,17 +18,19 @@ import argparse
 import json
 import math
 import time
+import traceback
 from pathlib import Path
 
-from frugalserve.experts import tasks as T
-from frugalserve.experts import zoo
+import torch
+from frugalserve.experts.transformers_engine import pick_device
+from frugalserve.experts.zoo import data, train
+from frugalserve.experts.zoo import tasks as T
+from matplotlib.figure import Figure
 
 
 def encode_stream(tok, tasks_: list[T.Task]):
     """The tasks as one packed token stream, and where each example ends."""
-    import torch
-
-    texts = [zoo.chat_text(t.prompt, t.answer) for t in tasks_]
+    texts = [data.chat_text(t.prompt, t.answer) for t in tasks_]
     enc = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     ids = [i for e in enc for i in e.ids]
     ends = torch.tensor([len(e.ids) for e in enc]).cumsum(0)
@@ -36,9 +38,9 @@ def encode_stream(tok, tasks_: list[T.Task]):
 
 
 def build_streams(tok, tok_dir: Path, n_per_domain: int, seed: int, n_eval: int, procs=None) -> dict:
-    pools = zoo.build_pools(tok_dir, T.DOMAINS, n_per_domain, seed, 64, procs)
+    pools = data.build_pools(tok_dir, T.DOMAINS, n_per_domain, seed, 64, procs)
     return {
-        "train": zoo.interleave(pools, T.DOMAINS),
+        "train": data.interleave(pools, T.DOMAINS),
         "calib": encode_stream(tok, T.generate("calib", 600, seed=seed)),
         "test": encode_stream(tok, T.generate("test", 600, seed=seed)),
         "queries": T.generate("test", n_eval, seed=seed + 1),
@@ -49,8 +51,6 @@ class Windows:
     """Random windows of `length + 1` tokens from a packed stream, on the device."""
 
     def __init__(self, stream: dict, length: int, batch_size: int, device, seed: int):
-        import torch
-
         self.ids = stream["ids"].to(device)
         self.length, self.batch_size = length, batch_size
         self.offsets = torch.arange(length + 1, device=device)
@@ -58,8 +58,6 @@ class Windows:
         self.gen.manual_seed(seed)
 
     def next(self):
-        import torch
-
         start = torch.randint(len(self.ids) - self.length - 1, (self.batch_size,), generator=self.gen,
                               device=self.ids.device)
         x = self.ids[start[:, None] + self.offsets].long()
@@ -68,38 +66,34 @@ class Windows:
 
 def perplexity(model, stream: dict, length: int, tail: int, windows: int, seed: int) -> tuple[float, float]:
     """(perplexity over every predicted token, over the last `tail`) on `windows` windows."""
-    import torch
-
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     ids = stream["ids"]
     starts = torch.randint(len(ids) - length, (windows,), generator=gen)
     x = torch.stack([ids[s : s + length] for s in starts.tolist()]).long().to(device)
-    nll = []
+    parts = []
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for b in range(0, windows, 32):
             chunk = x[b : b + 32]
             logits = model(input_ids=chunk[:, :-1]).logits.float()
-            nll.append(torch.nn.functional.cross_entropy(
+            parts.append(torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="none"
             ).view(chunk.shape[0], -1).cpu())
-    nll = torch.cat(nll)
+    nll = torch.cat(parts)
     return math.exp(nll.mean().item()), math.exp(nll[:, -tail:].mean().item())
 
 
 def few_shot_accuracy(model, tok, streams: dict, length: int, seed: int) -> dict:
     """Each query after solved calib examples filling the context to exactly `length` tokens."""
-    import torch
-
     calib, gen = streams["calib"], torch.Generator().manual_seed(seed)
     ends = calib["ends"][calib["ends"] >= length]
     prompts = []
     for q in streams["queries"]:
-        query = tok(zoo.chat_text(q.prompt), add_special_tokens=False)["input_ids"]
+        query = tok(data.chat_text(q.prompt), add_special_tokens=False)["input_ids"]
         end = int(ends[torch.randint(len(ends), (1,), generator=gen)].item())
         prefix = calib["ids"][end - (length - len(query)) : end].tolist()
         prompts.append(prefix + query)
-    answers = zoo.greedy(model, tok, prompts, batch_size=64 if length > 256 else 128)
+    answers = train.greedy(model, tok, prompts, batch_size=64 if length > 256 else 128)
     table: dict[str, list[int]] = {}
     for q, a in zip(streams["queries"], answers):
         ok = int(T.is_correct(a, q.answer))
@@ -121,10 +115,8 @@ def long_context_eval(model, tok, streams: dict, s: dict, seed: int) -> list[dic
 
 
 def _twin_worker(name, s, pool_file, tok_dir, out, device, deadline, seed, log_dir, eval_n, barrier):
-    import torch
-
     torch.set_num_threads(1)
-    tok = zoo.load_tokenizer(Path(tok_dir))
+    tok = data.load_tokenizer(Path(tok_dir))
     streams = torch.load(pool_file, weights_only=False)
     if barrier is not None:
         barrier.wait()
@@ -132,23 +124,19 @@ def _twin_worker(name, s, pool_file, tok_dir, out, device, deadline, seed, log_d
         try:
             rec = train_twin(s, streams, tok, device, deadline, seed, log)
         except Exception as exc:
-            import traceback
-
             traceback.print_exc(file=log)
             rec = {"name": name, "error": repr(exc)}
     (Path(log_dir) / f"{name}.json").write_text(json.dumps(rec) + "\n")
 
 
 def train_twin(s: dict, streams: dict, tok, device: str, deadline: float | None, seed: int, log=None) -> dict:
-    import torch
-
-    device = zoo.pick_device(device)
+    device = pick_device(device).type
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    model = zoo.build_model(s, tok, seed).to(device)
+    model = train.build_model(s, tok, seed).to(device)
     windows = Windows(streams["train"], int(s["max_len"]), int(s["batch_size"]), device, seed)
-    record = {"name": s["name"], "arch": s["arch"], "params": zoo.num_params(model), "device": device}
-    record.update(zoo.train_loop(model, windows.next, s, device, deadline=deadline, log=log, desc=s["name"]))
+    record = {"name": s["name"], "arch": s["arch"], "params": train.num_params(model), "device": device}
+    record.update(train.train_loop(model, windows.next, s, device, deadline=deadline, log=log, desc=s["name"]))
     record.pop("losses")
     record["long_context"] = long_context_eval(model, tok, streams, s, seed)
     return record
@@ -163,12 +151,8 @@ def settings_of(cfg: dict, name: str) -> dict:
 
 
 def plot(results: list[dict], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     for r in results:
         if "long_context" not in r:
             continue
@@ -202,7 +186,7 @@ def print_table(results: list[dict]) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="frugalserve zoo alibi", description=__doc__.split("\n\n")[0])
-    zoo.common_args(parser)
+    train.common_args(parser)
     parser.add_argument("--results", type=Path, default=Path("alibi_results.json"), help="JSON to write")
     parser.add_argument("--plot", type=Path, default=None, help="PNG to draw")
     parser.add_argument("--plot-only", action="store_true", help="draw --plot from an existing --results")
@@ -212,15 +196,15 @@ def main(argv: list[str]) -> int:
         print_table(results)
         plot(results, args.plot)
         return 0
-    cfg = zoo.load_config(args.config)
+    cfg = train.load_config(args.config)
     names = [n for n in args.only.split(",") if n] or list(cfg["alibi"]["models"])
     settings = [settings_of(cfg, n) for n in names]
     for s in settings:
-        zoo.override(s, args)
+        train.override(s, args)
         if args.eval_per_domain is not None:
             s["eval_prompts"], s["eval_windows"] = 3 * args.eval_per_domain, 3 * args.eval_per_domain
-    tok_dir = zoo.REPO_ROOT / cfg.get("tokenizer", "experts/models/tokenizer")
-    tok = zoo.load_tokenizer(tok_dir)
+    tok_dir = train.config_path(cfg, "tokenizer", data.TOKENIZER_DIR)
+    tok = data.load_tokenizer(tok_dir)
     seed = int(cfg.get("seed", 0))
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
     t0 = time.time()
@@ -229,7 +213,7 @@ def main(argv: list[str]) -> int:
     print(f"streams: {len(streams['train']['ids']):,} training tokens in {time.time() - t0:.0f}s", flush=True)
     out = args.out or Path("alibi_runs")
     if args.jobs > 1:
-        results = zoo.run_parallel(settings, streams, tok_dir, out, args.device, deadline, seed, args.jobs, 0,
+        results = train.run_parallel(settings, streams, tok_dir, out, args.device, deadline, seed, args.jobs, 0,
                                    target=_twin_worker)
     else:
         results = [train_twin(s, streams, tok, args.device, deadline, seed) for s in settings]

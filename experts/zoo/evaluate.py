@@ -6,7 +6,7 @@ scorer reads, token counts, cost and latency. Prints a summary table (accuracy b
 x difficulty, cost) and draws a plot. In process by default (the transformers engine, batched);
 with `--url` against a running frugalserve server (OpenAI chat completions, `model` = expert).
 
-An expert is named as `NAME` (a model of the zoo, `experts/models/NAME`), `NAME=PATH` or a path
+An expert is named as `NAME` (a model of the zoo, `experts/zoo/models/NAME`), `NAME=PATH` or a path
 to any Hugging Face causal LM folder with a chat template.
 """
 
@@ -18,10 +18,17 @@ import json
 import math
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from frugalserve.experts import tasks as T
+from frugalserve.experts.engine import GenerationRequest, SamplingParams
+from frugalserve.experts.spec import MODELS_DIR, default_cost_per_1k
+from frugalserve.experts.zoo import tasks as T
+from matplotlib.figure import Figure
+from tqdm import tqdm
 
 ZOO = ("tier-s", "tier-m", "tier-l", "expert-arith", "expert-text", "expert-facts")
 MAX_TOKENS = 16
@@ -53,8 +60,6 @@ def make_row(task: T.Task, expert: str, text: str, logprobs: Sequence[float], pr
 
 def parse_experts(spec: str | None, models_dir: Path | None = None) -> list[tuple[str, Path]]:
     """`a,b=path,/some/folder` -> [(name, path)]; the default is every zoo model that exists."""
-    from frugalserve.experts.spec import MODELS_DIR
-
     base = models_dir or MODELS_DIR
     if not spec:
         found = [(n, base / n) for n in ZOO if (base / n / "config.json").is_file()]
@@ -78,8 +83,9 @@ class LocalRunner:
     """One expert in process: the transformers engine, `batch_size` requests per engine call."""
 
     def __init__(self, name: str, path: Path, device: str, dtype: str, batch_size: int):
-        from frugalserve.experts.spec import default_cost_per_1k
+        # torch: only the in-process runner needs it; `--url` evaluates without loading torch
         from frugalserve.experts.transformers_engine import TransformersEngine
+
 
         if not (path / "config.json").is_file():
             raise SystemExit(f"frugalserve eval: expert {name!r}: no Hugging Face model at {path}")
@@ -89,8 +95,6 @@ class LocalRunner:
         self.cost_per_1k = default_cost_per_1k(self.params)
 
     def run(self, tasks_: Sequence[T.Task], progress) -> list[dict]:
-        from frugalserve.experts.engine import GenerationRequest, SamplingParams
-
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
         rows = []
         for b in range(0, len(tasks_), self.batch_size):
@@ -115,9 +119,6 @@ class HttpRunner:
         self.name, self.url, self.concurrency, self.timeout = name, url.rstrip("/"), concurrency, timeout
 
     def _one(self, task: T.Task) -> dict:
-        import urllib.error
-        import urllib.request
-
         body = {"model": self.name, "messages": list(task.messages), "max_tokens": MAX_TOKENS,
                 "temperature": 0, "logprobs": True}
         request = urllib.request.Request(f"{self.url}/v1/chat/completions", data=json.dumps(body).encode(),
@@ -138,8 +139,6 @@ class HttpRunner:
                         usage.get("completion_tokens", len(lps)), cost, latency, choice.get("finish_reason"))
 
     def run(self, tasks_: Sequence[T.Task], progress) -> list[dict]:
-        from concurrent.futures import ThreadPoolExecutor
-
         rows = []
         with ThreadPoolExecutor(self.concurrency) as pool:
             for row in pool.map(self._one, tasks_):
@@ -185,14 +184,10 @@ def format_table(summary: dict) -> str:
 
 
 def plot(summary: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     experts = list(summary)
     domains = [d for d in T.DOMAINS if any(d in s for s in summary.values())]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    fig = Figure(figsize=(12, 4.2))
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
     width = 0.8 / max(1, len(domains))
     for i, d in enumerate(domains):
         xs = [j + (i - (len(domains) - 1) / 2) * width for j in range(len(experts))]
@@ -213,7 +208,6 @@ def plot(summary: dict, png: Path) -> None:
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
-    plt.close(fig)
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -222,8 +216,6 @@ def plot(summary: dict, png: Path) -> None:
 def evaluate(experts: list[tuple[str, Path]], tasks_: list[T.Task], *, url: str | None = None,
              device: str = "cpu", dtype: str = "float32", batch_size: int = 64, concurrency: int = 8,
              progress: bool = True) -> list[dict]:
-    from tqdm import tqdm
-
     rows = []
     with tqdm(total=len(experts) * len(tasks_), desc="eval", unit="prompt", disable=not progress) as bar:
         for name, path in experts:

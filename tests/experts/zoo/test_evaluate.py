@@ -6,9 +6,9 @@ import asyncio
 import json
 
 import pytest
-from frugalserve.experts import evaluate as E
-from frugalserve.experts import tasks as T
 from frugalserve.experts.spec import MODELS_DIR
+from frugalserve.experts.zoo import evaluate as E
+from frugalserve.experts.zoo import tasks as T
 
 REQUIRED = ("expert", "domain", "difficulty", "prompt", "answer", "correct", "logprob_mean", "logprob_min",
             "logprob_first", "prompt_tokens", "completion_tokens", "cost", "latency_s")

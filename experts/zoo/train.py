@@ -2,18 +2,15 @@
 
 Every model is a small Hugging Face causal LM (Llama with grouped-query attention, or Falcon
 with ALiBi and grouped KV heads) trained from scratch on the task suite (`tasks.py`) in chat
-format, the loss on the answer tokens only. Training examples are drawn ahead into a token pool
-per domain that lives on the device, so a step costs no Python data work. Seeded; bf16 autocast
-on GPU, float32 on CPU. Several models train at once in separate processes (`--jobs`): tiny models
-are bound by kernel launches, not by the GPU.
+format, the loss on the answer tokens only. Training examples come from the token pools of
+`data.py`. Seeded; bf16 autocast on GPU, float32 on CPU. Several models train at once in separate
+processes (`--jobs`): tiny models are bound by kernel launches, not by the GPU.
 
 Each model runs the step count of its config entry (`--steps` overrides all). `--max-minutes`
 is a hard time limit; with `--fit-steps` each model instead measures its step rate and lowers
 its step count so that its cosine schedule ends on time. On one shared GPU that gives cheap
 models more steps than expensive ones, so equal step counts are the fair default. The steps
 actually run are written to the model folder's `training.json`.
-
-This module must not import pydantic or ray: it runs on machines that have only torch.
 """
 
 from __future__ import annotations
@@ -21,31 +18,51 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+import multiprocessing as mp
 import shutil
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
-from frugalserve.experts import tasks as T
+import torch
+import yaml
+from frugalserve.experts.spec import MODELS_DIR
+from frugalserve.experts.transformers_engine import pick_device
+from frugalserve.experts.zoo import tasks as T
+from frugalserve.experts.zoo.data import (
+    TOKENIZER_DIR,
+    Batches,
+    build_pools,
+    chat_text,
+    load_tokenizer,
+)
+from tqdm import tqdm
+from transformers import (
+    FalconConfig,
+    FalconForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MODELS_DIR = Path(__file__).resolve().parent / "models"
-TOKENIZER_DIR = MODELS_DIR / "tokenizer"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "zoo.yaml"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 # -- config ------------------------------------------------------------------------------------
 
 
 def load_config(path: str | Path | None = None) -> dict:
-    import yaml
-
     path = Path(path) if path else DEFAULT_CONFIG
     with open(path) as f:
         return yaml.safe_load(f)
+
+
+def config_path(cfg: dict, key: str, default: Path) -> Path:
+    """A folder the config names relative to the repository root, or `default`."""
+    return REPO_ROOT / cfg[key] if key in cfg else default
 
 
 def model_settings(cfg: dict, name: str, section: str = "models") -> dict:
@@ -55,144 +72,11 @@ def model_settings(cfg: dict, name: str, section: str = "models") -> dict:
     return {**cfg["train"], **cfg[section][name], "name": name}
 
 
-# -- tokenizer ---------------------------------------------------------------------------------
-
-
-def tokenizer_corpus(n: int = 30_000, seed: int = 0) -> list[str]:
-    """Chat-formatted training examples of every domain plus every name of the world."""
-    import itertools
-
-    texts = [chat_text(t.prompt, t.answer) for t in itertools.islice(T.training_stream(seed=seed), n)]
-    texts += [f"{e.name} {e.capital}" for e in T.world()]
-    return texts
-
-
-def chat_text(prompt: str, answer: str | None = None) -> str:
-    """The chat template, spelled out (kept equal to `tokenizer.CHAT_TEMPLATE`)."""
-    text = f"<|bos|><|user|>{prompt}<|end|><|assistant|>"
-    return text if answer is None else f"{text}{answer}<|end|>"
-
-
-def build_tokenizer(vocab_size: int = 512, out: Path = TOKENIZER_DIR):
-    from frugalserve.experts.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(tokenizer_corpus(), vocab_size=vocab_size)
-    tok.save_pretrained(out)
-    return tok
-
-
-def load_tokenizer(path: Path = TOKENIZER_DIR, vocab_size: int = 512):
-    from transformers import AutoTokenizer
-
-    if not (path / "tokenizer.json").is_file():
-        return build_tokenizer(vocab_size, path)
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
-    return tok
-
-
-# -- data --------------------------------------------------------------------------------------
-
-
-POOL_CHUNK = 50_000  # examples drawn from one seeded stream; pools are built chunk by chunk
-
-
-def _encode(backend, tasks_: list[T.Task], max_len: int, pad: int) -> dict:
-    """Token pool: ids [N, max_len] (pad after the end), lengths [N], answer starts [N]."""
-    import numpy as np
-
-    prefix = backend.encode_batch([chat_text(t.prompt) for t in tasks_], add_special_tokens=False)
-    answer = backend.encode_batch([t.answer + "<|end|>" for t in tasks_], add_special_tokens=False)
-    filler = [pad] * max_len
-    rows, lens, starts = [], [], []
-    for p, a in zip(prefix, answer):
-        seq = p.ids + a.ids
-        rows.append((seq + filler)[:max_len])
-        lens.append(min(len(seq), max_len))
-        starts.append(len(p.ids))
-    return {"ids": np.array(rows, dtype=np.int16), "lens": np.array(lens, dtype=np.int16),
-            "starts": np.array(starts, dtype=np.int16)}
-
-
-def _pool_chunk(job: tuple) -> dict:
-    import itertools
-
-    from tokenizers import Tokenizer
-
-    tok_file, domain, seed, chunk, size, max_len, pad = job
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    stream = T.training_stream((domain,), seed=seed * 1_000_003 + chunk)
-    return _encode(Tokenizer.from_file(tok_file), list(itertools.islice(stream, size)), max_len, pad)
-
-
-def build_pools(tok_dir: Path, domains, n: int, seed: int, max_len: int, procs: int | None = None) -> dict:
-    """Training examples per domain, drawn ahead in seeded chunks of `POOL_CHUNK` (so the pool
-    does not depend on how many processes draw it) and tokenized."""
-    import multiprocessing as mp
-
-    import numpy as np
-    import torch
-
-    pad = load_tokenizer(tok_dir).pad_token_id
-    jobs = [(str(tok_dir / "tokenizer.json"), d, seed, c, min(POOL_CHUNK, n - c * POOL_CHUNK), max_len, pad)
-            for d in domains for c in range(math.ceil(n / POOL_CHUNK))]
-    procs = min(len(jobs), procs or os.cpu_count() or 1)
-    if procs > 1:
-        with mp.get_context("spawn").Pool(procs) as pool:
-            parts = pool.map(_pool_chunk, jobs)
-    else:
-        parts = [_pool_chunk(j) for j in jobs]
-    pools = {}
-    for d in domains:
-        mine = [p for j, p in zip(jobs, parts) if j[1] == d]
-        pools[d] = {k: torch.from_numpy(np.concatenate([p[k] for p in mine])) for k in mine[0]}
-    return pools
-
-
-def interleave(pools: dict, domains) -> dict:
-    """The pools' examples packed back to back, domains in turn: one token stream."""
-    import torch
-
-    n = min(len(pools[d]["ids"]) for d in domains)
-    ids = torch.stack([pools[d]["ids"][:n] for d in domains], 1).flatten(0, 1)
-    lens = torch.stack([pools[d]["lens"][:n] for d in domains], 1).flatten(0, 1).long()
-    keep = torch.arange(ids.shape[1])[None, :] < lens[:, None]
-    return {"ids": ids[keep], "ends": lens.cumsum(0)}
-
-
-class Batches:
-    """Random batches from the pools of the model's domains (equal shares), on the device."""
-
-    def __init__(self, pools: dict[str, dict], domains, batch_size: int, device, seed: int):
-        import torch
-
-        parts = [pools[d] for d in domains]
-        self.ids = torch.cat([p["ids"] for p in parts]).to(device)
-        lens = torch.cat([p["lens"] for p in parts]).to(device).long()
-        starts = torch.cat([p["starts"] for p in parts]).to(device).long()
-        pos = torch.arange(self.ids.shape[1] - 1, device=device)
-        # target position t predicts token t + 1: learn the answer tokens and the closing <|end|>
-        self.mask = (pos[None, :] + 1 >= starts[:, None]) & (pos[None, :] + 1 < lens[:, None])
-        self.batch_size = batch_size
-        self.gen = torch.Generator(device=device)
-        self.gen.manual_seed(seed)
-
-    def next(self):
-        import torch
-
-        idx = torch.randint(self.ids.shape[0], (self.batch_size,), generator=self.gen, device=self.ids.device)
-        x = self.ids[idx].long()
-        return x[:, :-1], x[:, 1:], self.mask[idx]
-
-
 # -- models ------------------------------------------------------------------------------------
 
 
 def build_model(s: dict, tok, seed: int):
     """A fresh model from a config entry: `arch` llama | falcon-alibi | falcon-rope."""
-    import torch
-    from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM
-
     common = dict(
         vocab_size=len(tok),
         hidden_size=s["hidden"],
@@ -206,19 +90,15 @@ def build_model(s: dict, tok, seed: int):
     )
     torch.manual_seed(seed)
     if s["arch"] == "llama":
-        config = LlamaConfig(
+        return LlamaForCausalLM(LlamaConfig(
             intermediate_size=s["ffn"], num_key_value_heads=s["kv_heads"], **common
-        )
-        model = LlamaForCausalLM(config)
-    elif s["arch"] in ("falcon-alibi", "falcon-rope"):
-        config = FalconConfig(
+        ))
+    if s["arch"] in ("falcon-alibi", "falcon-rope"):
+        return FalconForCausalLM(FalconConfig(
             ffn_hidden_size=s["ffn"], num_kv_heads=s["kv_heads"], new_decoder_architecture=True,
             alibi=s["arch"] == "falcon-alibi", parallel_attn=True, bias=False, **common,
-        )
-        model = FalconForCausalLM(config)
-    else:
-        raise ValueError(f"unknown arch {s['arch']!r} for {s['name']!r}: llama | falcon-alibi | falcon-rope")
-    return model
+        ))
+    raise ValueError(f"unknown arch {s['arch']!r} for {s['name']!r}: llama | falcon-alibi | falcon-rope")
 
 
 def num_params(model) -> int:
@@ -235,14 +115,6 @@ def lr_at(step: int, total: int, s: dict) -> float:
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def train_loop(model, next_batch, s: dict, device: str, *, deadline: float | None, log=None,
                desc: str = "", loss_fn=None) -> dict:
     """Train `model` for `s['steps']` AdamW steps; stop early at `deadline` (a safety net: the
@@ -252,8 +124,6 @@ def train_loop(model, next_batch, s: dict, device: str, *, deadline: float | Non
     `next_batch()` gives (inputs, targets, mask); the loss is the mean cross-entropy over the
     masked target positions. Returns what happened (steps, losses, seconds).
     """
-    import torch
-    from tqdm import tqdm
 
     cuda = device == "cuda"
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -292,7 +162,7 @@ def train_loop(model, next_batch, s: dict, device: str, *, deadline: float | Non
             losses.append((step, round(value, 4)))
             bar.set_postfix(loss=f"{running:.3f}", lr=f"{group['lr']:.1e}", refresh=False)
         bar.update(1)
-        if fit and (step in (100, 300) or step % probe_every == 0):
+        if fit and deadline is not None and (step in (100, 300) or step % probe_every == 0):
             now = time.time()
             rate = (step - mark[0]) / max(1e-6, now - mark[1])
             fitted = step + int(rate * max(0.0, deadline - now) * 0.97)
@@ -314,7 +184,6 @@ def train_loop(model, next_batch, s: dict, device: str, *, deadline: float | Non
 def greedy(model, tok, prompts: list[list[int]], max_new: int = 14, batch_size: int = 256) -> list[str]:
     """Batched greedy decoding without a cache: left padding, explicit positions. Simple and
     model-agnostic; the evaluation harness uses the serving engine instead."""
-    import torch
 
     device = next(model.parameters()).device
     end, pad = tok.convert_tokens_to_ids("<|end|>"), tok.pad_token_id
@@ -365,9 +234,6 @@ def quick_eval(model, tok, n_per_domain: int, seed: int = 0) -> dict:
 
 
 def save_model(model, tok, path: Path, meta: dict) -> None:
-    import torch
-    from transformers import GenerationConfig
-
     if path.exists():
         shutil.rmtree(path)
     model = model.to(torch.bfloat16)
@@ -383,9 +249,7 @@ def save_model(model, tok, path: Path, meta: dict) -> None:
 def train_model(s: dict, pools: dict, tok, out: Path, device: str, deadline: float | None,
                 seed: int, log=None, eval_per_domain: int = 0) -> dict:
     """Train, evaluate (optionally) and save one zoo model; returns its record."""
-    import torch
-
-    device = pick_device(device)
+    device = pick_device(device).type
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(s, tok, seed).to(device)
@@ -403,8 +267,6 @@ def train_model(s: dict, pools: dict, tok, out: Path, device: str, deadline: flo
 
 def _worker(name: str, s: dict, pool_file: str, tok_dir: str, out: str, device: str,
             deadline: float | None, seed: int, log_dir: str, eval_per_domain: int, barrier) -> None:
-    import torch
-
     torch.set_num_threads(1)
     tok = load_tokenizer(Path(tok_dir))
     pools = torch.load(pool_file)
@@ -414,7 +276,6 @@ def _worker(name: str, s: dict, pool_file: str, tok_dir: str, out: str, device: 
         try:
             rec = train_model(s, pools, tok, Path(out), device, deadline, seed, log, eval_per_domain)
         except Exception as exc:  # keep the other models going; the parent reports it
-            import traceback
 
             traceback.print_exc(file=log)
             rec = {"name": name, "error": repr(exc)}
@@ -425,9 +286,7 @@ def run_parallel(settings: list[dict], pools: dict, tok_dir: Path, out: Path, de
                  deadline: float | None, seed: int, jobs: int, eval_per_domain: int,
                  target=None, extra_args=()) -> list[dict]:
     """Run one process per model (`jobs` at a time) and collect their records."""
-    import multiprocessing as mp
 
-    import torch
 
     target = target or _worker
     work = Path(tempfile.mkdtemp(prefix="zoo-"))
@@ -501,7 +360,7 @@ def prepare(args, section: str):
     settings = [model_settings(cfg, n, section) for n in names]
     for s in settings:
         override(s, args)
-    tok_dir = REPO_ROOT / cfg.get("tokenizer", "experts/models/tokenizer")
+    tok_dir = config_path(cfg, "tokenizer", TOKENIZER_DIR)
     tok = load_tokenizer(tok_dir, int(cfg.get("vocab_size", 512)))
     seed = int(cfg.get("seed", 0))
     deadline = time.time() + 60 * args.max_minutes if args.max_minutes else None
@@ -515,7 +374,7 @@ def cmd_train(argv: list[str]) -> int:
     common_args(parser)
     args = parser.parse_args(argv)
     cfg, settings, tok_dir, tok, seed, deadline, pool_n, eval_n = prepare(args, "models")
-    out = args.out or REPO_ROOT / cfg.get("out", "experts/models")
+    out = args.out or config_path(cfg, "out", MODELS_DIR)
     max_len = int(cfg["train"]["max_len"])
     domains = sorted({d for s in settings for d in s["domains"]})
     t0 = time.time()
@@ -532,33 +391,3 @@ def cmd_train(argv: list[str]) -> int:
     (out / "zoo_training.json").write_text(json.dumps(records, indent=1) + "\n")
     print_records(records)
     return 1 if any("error" in r for r in records) else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": cmd_train, "tokenizer": cmd_tokenizer, "alibi": cmd_alibi}
-    if not argv or argv[0] not in commands:
-        print("usage: frugalserve zoo {train,alibi,tokenizer} [options]  (--help on each)", file=sys.stderr)
-        return 2
-    return commands[argv[0]](argv[1:])
-
-
-def cmd_tokenizer(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="frugalserve zoo tokenizer", description="retrain the shared tokenizer")
-    parser.add_argument("--vocab-size", type=int, default=512)
-    parser.add_argument("--out", type=Path, default=TOKENIZER_DIR)
-    args = parser.parse_args(argv)
-    tok = build_tokenizer(args.vocab_size, args.out)
-    print(f"wrote {args.out} ({len(tok)} tokens)")
-    return 0
-
-
-def cmd_alibi(argv: list[str]) -> int:
-    from frugalserve.experts.alibi_experiment import main as alibi_main
-
-    return alibi_main(argv)
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())

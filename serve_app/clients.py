@@ -1,0 +1,158 @@
+"""How the router talks to an expert: one `ExpertClient` protocol, whatever carries the call.
+
+`HandleClient` calls a local expert's Serve deployment through its DeploymentHandle (a LoRA
+adapter is its base's deployment with `adapter` set); `RemoteClient` (remote.py) calls an
+OpenAI-compatible endpoint over HTTP. Both raise `APIError` for everything that goes wrong, so
+dispatch never asks which kind it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from frugalserve.experts.engine import (
+    Completion,
+    EngineError,
+    GenerationRequest,
+    PromptTooLongError,
+    StreamDelta,
+)
+from frugalserve.serve_app.errors import APIError
+from frugalserve.serve_app.protocol import UnsupportedParameter
+from ray.serve.exceptions import BackPressureError
+
+
+def prompt_param(request: GenerationRequest) -> str:
+    """The request field an error about the prompt names."""
+    return "messages" if request.messages is not None else "prompt"
+
+
+def expert_error(exc: BaseException, expert: str, param: str = "messages") -> APIError:
+    """An OpenAI-shaped error for what an expert call raised (Ray wraps a replica's exception;
+    the original is its `cause`)."""
+    cause = getattr(exc, "cause", None)
+    inner = cause if isinstance(cause, BaseException) else exc
+    if isinstance(inner, APIError):
+        return inner
+    if isinstance(inner, BackPressureError):
+        return APIError(503, f"expert {expert!r} is overloaded (its queue is full); retry later",
+                        type="server_error", code="overloaded")
+    if isinstance(inner, PromptTooLongError):
+        return APIError(400, str(inner), param=param, code="context_length_exceeded")
+    if isinstance(inner, (EngineError, ValueError, UnsupportedParameter)):  # a request it cannot serve
+        return APIError(400, f"expert {expert!r} rejected the request: {inner}")
+    if isinstance(inner, asyncio.TimeoutError):
+        return APIError(504, f"expert {expert!r} did not answer in time", type="timeout")
+    return APIError(503, f"expert {expert!r} failed: {type(inner).__name__}: {inner}",
+                    type="server_error", code="expert_unavailable")
+
+
+class ExpertStream:
+    """One expert's deltas for one request, opened: the first delta has already arrived, so an
+    error before it is still an HTTP error. Iterating yields every delta, the first included;
+    the last carries the whole `Completion`. Errors on the way come out as `APIError`."""
+
+    def __init__(self, expert: str, first: StreamDelta, rest: AsyncIterator[StreamDelta],
+                 cancel: Callable[[], None], timeout_s: float):
+        self.expert, self.first, self._rest, self._cancel = expert, first, rest, cancel
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def whole(cls, expert: str, c: Completion) -> ExpertStream:
+        """A finished completion as a stream of one delta (an expert that does not stream)."""
+        return cls(expert, StreamDelta(c.text, c.token_ids, c.token_logprobs, c.finish_reason, c),
+                   _nothing(), lambda: None, float("inf"))
+
+    async def __aiter__(self) -> AsyncIterator[StreamDelta]:
+        started, delta = time.monotonic(), self.first
+        try:
+            while True:
+                yield delta
+                if delta.completion is not None:
+                    return
+                if time.monotonic() - started > self.timeout_s:
+                    raise asyncio.TimeoutError
+                delta = await asyncio.wait_for(anext(self._rest), self.timeout_s)
+        except StopAsyncIteration:
+            raise APIError(503, f"expert {self.expert!r} ended the stream without a completion",
+                           type="server_error", code="expert_unavailable") from None
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancel()  # the client went away: free its place in the expert's batch
+            raise
+        except APIError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - mapped to an OpenAI-shaped error
+            raise expert_error(exc, self.expert) from None
+
+    def cancel(self) -> None:
+        self._cancel()
+
+
+async def _nothing() -> AsyncIterator[StreamDelta]:
+    return
+    yield  # an async generator that yields nothing
+
+
+class ExpertClient(Protocol):
+    """What the router needs of an expert."""
+
+    name: str
+
+    async def info(self) -> dict[str, Any]:
+        """The expert's facts: costs per 1k tokens, context, engine, parameters."""
+        ...
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        """The whole completion; raises `APIError`."""
+        ...
+
+    async def stream(self, request: GenerationRequest) -> ExpertStream:
+        """Open a stream and wait for its first delta; raises `APIError`."""
+        ...
+
+
+class HandleClient:
+    """A local expert: its deployment's handle; `adapter` set for a LoRA adapter of its base."""
+
+    def __init__(self, name: str, handle: Any, timeout_s: float, adapter: str | None = None):
+        self.name, self.handle, self.timeout_s, self.adapter = name, handle, timeout_s, adapter
+        self._info: dict[str, Any] | None = None
+
+    def _routed(self, request: GenerationRequest) -> GenerationRequest:
+        return request if self.adapter is None else dataclasses.replace(request, adapter=self.adapter)
+
+    async def info(self) -> dict[str, Any]:
+        if self._info is None:
+            info = await self.handle.info.remote()
+            if self.adapter is not None:
+                info = {**info, "name": self.name, "adapter_of": info["name"]}
+            self._info = info
+        return self._info
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        try:
+            return await asyncio.wait_for(self.handle.generate.remote(self._routed(request)),
+                                          self.timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - mapped to an OpenAI-shaped error
+            raise expert_error(exc, self.name, prompt_param(request)) from None
+
+    async def stream(self, request: GenerationRequest) -> ExpertStream:
+        gen = self.handle.options(stream=True).generate_stream.remote(self._routed(request))
+        try:
+            first = await asyncio.wait_for(anext(gen), self.timeout_s)
+        except StopAsyncIteration:
+            raise APIError(503, f"expert {self.name!r} ended the stream without output",
+                           type="server_error", code="expert_unavailable") from None
+        except asyncio.CancelledError:
+            gen.cancel()
+            raise
+        except BaseException as exc:  # noqa: BLE001 - mapped to an OpenAI-shaped error
+            gen.cancel()
+            raise expert_error(exc, self.name, prompt_param(request)) from None
+        return ExpertStream(self.name, first, gen, gen.cancel, self.timeout_s)

@@ -1,0 +1,142 @@
+"""`frugalserve calibrate` and `frugalserve eval-router`: fit the router offline, measure it.
+
+    frugalserve calibrate --matrix calib.jsonl --out DIR        # or --limit N: run the zoo now
+    frugalserve eval-router --split test --out REPORT_DIR [--router DIR] [--matrix test.jsonl]
+
+Both write `report.json`, `report.md` and PNG plots (cost-accuracy frontier; performance gap
+recovered; `report.py`). The fitting and the replay are `frugalserve.cascade`; this module adds
+the prompt featurizer (MiniLM, which needs torch), response matrices made on the fly by the zoo's
+evaluation harness, and the report files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+from frugalserve.cascade.artifact import ArtifactError, RouterArtifact
+from frugalserve.cascade.calibrate import fit_router
+from frugalserve.cascade.evaluate import evaluate_router
+from frugalserve.cascade.matrix import ResponseMatrix
+from frugalserve.experts.spec import MODELS_DIR
+from frugalserve.experts.zoo import evaluate as harness
+from frugalserve.experts.zoo import tasks as T
+from frugalserve.serve_app.routing.featurizers import make_featurizer
+from frugalserve.serve_app.routing.report import write_report
+from tqdm import tqdm
+
+DEFAULT_ROUTER = MODELS_DIR / "router"
+DEFAULT_TIERS = "tier-s,tier-m,tier-l"
+
+
+def _progress() -> Callable[[str, int, int], None]:
+    bars: dict[str, tqdm] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            bars[stage] = tqdm(total=total, desc=stage, unit="step", leave=True)
+        bar = bars[stage]
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _matrix(args, split: str):
+    if args.matrix is not None:
+        return ResponseMatrix.load(args.matrix)
+    tasks_ = T.generate(split, args.limit, seed=args.seed)
+    rows = harness.evaluate(harness.parse_experts(args.experts), tasks_, device=args.device,
+                            dtype="float32" if args.device == "cpu" else "auto")
+    if args.save_matrix is not None:
+        args.save_matrix.parent.mkdir(parents=True, exist_ok=True)
+        args.save_matrix.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return ResponseMatrix.from_rows(rows)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--matrix", type=Path, default=None,
+                        help="response matrix JSONL from `frugalserve eval` (default: run now)")
+    parser.add_argument("--limit", type=int, default=900, help="prompts when running now")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--experts", default=None, help="experts to run now (default: the zoo)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--save-matrix", type=Path, default=None, help="keep the matrix made now")
+
+
+def calibrate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="frugalserve calibrate", description=__doc__)
+    _common(parser)
+    parser.add_argument("--out", type=Path, default=DEFAULT_ROUTER, help="router artifact folder")
+    parser.add_argument("--report", type=Path, default=None, help="report folder (default: "
+                        "OUT/calibration-report)")
+    parser.add_argument("--tiers", default=DEFAULT_TIERS, help="cascade candidates, cheap first")
+    parser.add_argument("--featurizer", default="minilm", choices=("minilm", "hashed-ngrams"))
+    parser.add_argument("--budget", type=float, default=None,
+                        help="serve the most accurate cascade within this mean cost per request")
+    parser.add_argument("--target-accuracy", type=float, default=None,
+                        help="serve the cheapest cascade reaching this accuracy (default: the "
+                        "best tier's)")
+    parser.add_argument("--max-depth", type=int, default=3, help="longest cascade searched")
+    args = parser.parse_args(argv)
+    tiers = [t for t in args.tiers.split(",") if t]
+    m = _matrix(args, "calib")
+    print(f"calibration matrix: {m.n} prompts x {len(m.experts)} experts {m.experts}",
+          file=sys.stderr)
+    featurize = make_featurizer(args.featurizer)
+    x = featurize(m.prompts)
+    try:
+        result = fit_router(m, x, tiers=tiers, budget=args.budget,
+                            target_accuracy=args.target_accuracy, max_depth=args.max_depth,
+                            seed=args.seed, progress=_progress())
+    except ValueError as exc:
+        print(f"frugalserve calibrate: {exc}", file=sys.stderr)
+        return 2
+    art = result.to_artifact(featurize.config(), meta={
+        "calibrated_on": str(args.matrix or f"calib split, {args.limit} prompts"),
+        "date": date.today().isoformat(), "tiers": tiers,
+    })
+    art.save(args.out)
+    report = evaluate_router(art, m, x, tiers=tiers, resamples=200, seed=args.seed)
+    write_report(report, args.report or args.out / "calibration-report", "calib (in-sample)")
+    p = art.cascade
+    print(f"\nwrote router artifact {args.out}: cascade {' -> '.join(p.order)} thresholds "
+          f"{[round(t, 4) for t in p.thresholds]} (calib accuracy {p.accuracy:.3f}, cost "
+          f"{p.cost:.5f}); gate cost weight {art.gate.cost_weight}")
+    return 0
+
+
+def eval_router_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="frugalserve eval-router", description=__doc__)
+    _common(parser)
+    parser.add_argument("--split", default="test", choices=("calib", "test", "train"))
+    parser.add_argument("--router", type=Path, default=DEFAULT_ROUTER, help="router artifact")
+    parser.add_argument("--out", type=Path, required=True, help="report folder")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    args = parser.parse_args(argv)
+    try:
+        art = RouterArtifact.load(args.router)
+    except ArtifactError as exc:
+        print(f"frugalserve eval-router: {exc}", file=sys.stderr)
+        return 2
+    m = _matrix(args, args.split)
+    x = make_featurizer(art.featurizer)(m.prompts)
+    report = evaluate_router(art, m, x, tiers=art.meta.get("tiers"), resamples=args.resamples,
+                             seed=args.seed)
+    write_report(report, args.out, f"{args.split} split")
+    c, g = report["cascade"], report["moe"]
+    print(f"\n{args.split}: cascade accuracy {c['accuracy']:.3f} cost {c['cost']:.5f} "
+          f"(largest tier {c['best_single_accuracy']:.3f} at {c['best_single_cost']:.5f}), "
+          f"APGR {c['apgr']:.3f}; moe accuracy {g['accuracy']:.3f} cost {g['cost']:.5f}, "
+          f"expert choice {g['expert_choice_accuracy']:.3f}; wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:  # `frugalserve calibrate`
+    return calibrate_main(argv)
