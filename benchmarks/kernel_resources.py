@@ -4,7 +4,8 @@ tile shape, shared memory and registers per thread and register spill (stack byt
     python benchmarks/kernel_resources.py [--arch 90] [--dtype bf16] [--out benchmarks/results/kernel-resources-sm90.json]
 
 Needs only triton with its bundled NVIDIA toolchain (cuobjdump), no CUDA device. Prefill rows use causal +
-ALiBi varlen launches with 4 query heads per KV head; decode rows 8 query heads per KV head. Written
+ALiBi varlen launches with 4 query heads per KV head; decode rows 8 query heads per KV head; paged-prefill rows
+ALiBi, 4 query heads per KV head, page 16. Written
 against Triton 3.9's `triton.compile(ASTSource(...), target=...)`; other versions may differ.
 """
 
@@ -28,6 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 prefill = importlib.import_module("frugalserve.kernels.prefill")
 decode = importlib.import_module("frugalserve.kernels.decode")
 kv_cache = importlib.import_module("frugalserve.kernels.kv_cache")
+paged_prefill = importlib.import_module("frugalserve.kernels.paged_prefill")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -77,6 +79,29 @@ def decode_rows(dtype: str, arch: int):
                    **resources(decode._decode_kernel, types, cx, warps, 2, arch)}
 
 
+# Shapes the paged prefill kernel's tiles were chosen from (paged_prefill._SHAPES holds those, per BLOCK_D class
+# <= 64, 128, 256); the 16-row shapes are for decode-only launches. Rows use 4 query heads per KV head, page 16.
+PAGED_PREFILL_CANDIDATES = {
+    128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+          (64, 32, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)],
+    256: [(64, 32, 8, 2), (64, 32, 8, 3), (64, 16, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (128, 32, 8, 2),
+          (16, 32, 4, 2), (16, 64, 4, 2)],
+}
+
+
+def paged_prefill_rows(dtype: str, arch: int):
+    types = {"Q": f"*{dtype}", "KC": f"*{dtype}", "VC": f"*{dtype}", "O": f"*{dtype}", "Slopes": "*fp32",
+             "BT": "*i32", "CuQ": "*i32", "SeqLens": "*i32", "qk_scale": "fp32"}
+    for d in (24, 40, 64, 128, 256):
+        block_d = paged_prefill._block_d(d)
+        chosen = set(paged_prefill._SHAPES[max(64, block_d)].values())
+        for shape in PAGED_PREFILL_CANDIDATES[128 if block_d <= 128 else 256]:
+            m, n, w, s = shape
+            cx = dict(GROUP=4, PACK=4, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=m, BLOCK_N=n, PAGE=16, USE_ALIBI=True)
+            yield {"kernel": "paged-prefill", "head_dim": d, "shape": list(shape), "fixed": shape in chosen,
+                   **resources(paged_prefill._paged_prefill_kernel, types, cx, w, s, arch)}
+
+
 def kv_write_rows(dtype: str, arch: int):
     types = {"K": f"*{dtype}", "V": f"*{dtype}", "KC": f"*{dtype}", "VC": f"*{dtype}", "Slots": "*i64",
              "num_slots": "i64"}
@@ -93,14 +118,18 @@ def main():
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--kernels", nargs="+", default=["prefill", "decode", "kv-write", "paged-prefill"],
+                    choices=("prefill", "decode", "kv-write", "paged-prefill"))
     args = ap.parse_args()
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"kernel-resources-sm{args.arch}.json")
     rows = []
-    for gen in (prefill_rows, decode_rows, kv_write_rows):
+    gens = {"prefill": prefill_rows, "decode": decode_rows, "kv-write": kv_write_rows,
+            "paged-prefill": paged_prefill_rows}
+    for gen in (gens[k] for k in args.kernels):
         for row in gen(args.dtype, args.arch):
             rows.append(row)
             print(f"{row['kernel']:8} d={row['head_dim']:3} shape={tuple(row['shape'])!s:18} "
-                  f"{'fixed' if row['fixed'] and row['kernel'] == 'prefill' else '':5} "
+                  f"{'fixed' if row['fixed'] and 'prefill' in row['kernel'] else '':5} "
                   f"smem={row['shared_kb']:5.1f} KB regs={row['regs']} spill={row['spill_bytes']} B", flush=True)
     meta = {"arch": args.arch, "dtype": args.dtype, "triton": triton.__version__}
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -1,12 +1,21 @@
-"""frugalserve.kernels: Triton attention kernels (flash prefill, paged decode) with ALiBi and GQA/MQA,
-a paged KV-cache writer, a PyTorch reference beside each, and adapters into transformers.
+"""frugalserve.kernels: Triton attention kernels (flash prefill, paged decode, paged prefill for mixed
+steps) with ALiBi and GQA/MQA, a paged KV-cache writer, a PyTorch reference beside each, and adapters
+into transformers.
 
 Importing this package needs neither CUDA nor Triton: the kernels are imported lazily, and
 `dispatch` decides (once, logged) whether Triton or the reference runs.
 """
 
 from .alibi import alibi_slopes, alibi_slopes_list
-from .dispatch import KernelDecision, attention, attention_varlen, decide, decode, write_kv
+from .dispatch import (
+    KernelDecision,
+    attention,
+    attention_varlen,
+    decide,
+    decode,
+    paged_prefill,
+    write_kv,
+)
 from .dispatch import choose as choose_backend
 from .kv_cache import write_kv_cache
 
@@ -19,6 +28,7 @@ __all__ = [
     "decide",
     "decode",
     "choose_backend",
+    "paged_prefill",
     "write_kv",
     "write_kv_cache",
 ]

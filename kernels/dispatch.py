@@ -3,8 +3,9 @@
 Rule: Triton on CUDA devices of compute capability >= 8.0 when `triton` imports; the reference
 everywhere else (CPU, no Triton, older GPUs) and for inputs the kernel does not support (float32
 attention, head dims outside checks.SUPPORTED_HEAD_DIMS, more than 128 query rows per KV head in
-decode, arbitrary masks). `FRUGALSERVE_ATTENTION=reference` forces the reference;
-`FRUGALSERVE_ATTENTION=triton` forces the kernels (with `TRITON_INTERPRET=1` that runs them on CPU).
+decode, arbitrary masks; paged prefill takes any number of query rows and heads per KV head).
+`FRUGALSERVE_ATTENTION=reference` forces the reference; `FRUGALSERVE_ATTENTION=triton` forces the
+kernels (with `TRITON_INTERPRET=1` that runs them on CPU).
 `decide` is that rule as a pure function of the layout, answerable before any tensor exists; each
 call's decision goes through it and is logged once with its reason.
 """
@@ -22,7 +23,7 @@ from . import reference
 from .checks import SUPPORTED_DTYPES, head_dim_problem
 from .kv_cache import KV_WRITE_DTYPES, write_kv_cache
 
-KERNELS = ("prefill", "decode", "kv-write")
+KERNELS = ("prefill", "decode", "kv-write", "paged-prefill")
 MAX_DECODE_ROWS = 128  # query tokens x query heads per KV head in one decode tile
 
 logger = logging.getLogger("frugalserve.kernels")
@@ -91,8 +92,9 @@ def _unsupported(kernel: str, dtype: torch.dtype, head_dim: int, group: int, que
 
 def decide(kernel: str, device: torch.device | str, dtype: torch.dtype, head_dim: int, num_heads: int,
            num_kv_heads: int, *, query_len: int = 1) -> KernelDecision:
-    """Whether `kernel` ("prefill", "decode" or "kv-write") runs in Triton for this layout, and why:
-    the decision every call makes (`query_len`: decode's query tokens per sequence). A pure function
+    """Whether `kernel` ("prefill", "decode", "kv-write" or "paged-prefill") runs in Triton for this
+    layout, and why: the decision every call makes (`query_len`: decode's query tokens per sequence;
+    paged prefill takes any). A pure function
     of its arguments, the environment and the device, so an engine can report it at load time.
     Raises ValueError for an unknown kernel or a head layout no path can run."""
     if kernel not in KERNELS:
@@ -180,6 +182,24 @@ def decode(q, k_cache, v_cache, block_tables, context_lens, *, alibi_slopes=None
     if kwargs.get("out") is not None:
         return kwargs["out"].copy_(out)
     return out
+
+
+def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, max_seqlen_q, alibi_slopes=None,
+                  scale=None, out=None):
+    """Packed queries [T, Hq, D] of B sequences (rows cu_seqlens_q[b] : cu_seqlens_q[b+1], each
+    sequence's last tokens) against a paged cache [num_pages, page_size, Hkv, D] through block_tables
+    [B, max_pages], causal: one call for the decode rows and prefill chunks of a step. The Triton kernel
+    (capture-safe, see paged_prefill.paged_prefill_attention) or the reference
+    (reference.paged_prefill_reference, a host sync); neither writes rows >= cu_seqlens_q[B] of `out`."""
+    if use_triton_for(q, k_cache, "paged prefill attention", kernel="paged-prefill"):
+        from .paged_prefill import paged_prefill_attention
+
+        return paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
+                                       max_seqlen_q=max_seqlen_q, alibi_slopes=alibi_slopes, scale=scale,
+                                       out=out)
+    return reference.paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
+                                             alibi_slopes=alibi_slopes, scale=scale,
+                                             compute_dtype=_compute_dtype(q), out=out)
 
 
 def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:

@@ -174,3 +174,44 @@ def _paged_decode_loop(
             compute_dtype=compute_dtype,
         )[0]
     return out
+
+
+def paged_prefill_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Packed queries against a paged cache: q [T, Hq, D] holds B sequences, sequence b's rows
+    cu_seqlens_q[b] : cu_seqlens_q[b+1] being its last Lq_b of seq_lens[b] tokens (their K/V already in
+    k/v_cache [num_pages, page_size, Hkv, D], read through block_tables[b]). Causal, bottom-right aligned:
+    query i of b sits at position seq_lens[b] - Lq_b + i. Each sequence's K/V is gathered through its
+    block table, then attention_reference. Returns [T, Hq, D], or writes `out`; rows of no sequence
+    (>= cu_seqlens_q[B]) are zeros in a new tensor and left as they are in `out`. Reads the lengths on
+    the host (a sync on a GPU) and raises ValueError for Lq_b > seq_lens[b] or a context that does not
+    fit the block table."""
+    result = torch.zeros_like(q) if out is None else out
+    page = k_cache.shape[1]
+    cq, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    for b, n in enumerate(lens):
+        qs, qe = cq[b], cq[b + 1]
+        if qe == qs:
+            continue
+        if qe - qs > n:
+            raise ValueError(f"sequence {b}: {qe - qs} queries but only {n} tokens in the cache")
+        if n > block_tables.shape[1] * page:
+            raise ValueError(f"sequence {b}: {n} tokens do not fit {block_tables.shape[1]} pages of {page}")
+        kb = gather_paged_kv(k_cache, block_tables[b], n)[None]
+        vb = gather_paged_kv(v_cache, block_tables[b], n)[None]
+        result[qs:qe] = attention_reference(
+            q[None, qs:qe], kb, vb, causal=True, alibi_slopes=alibi_slopes, scale=scale,
+            compute_dtype=compute_dtype,
+        )[0]
+    return result

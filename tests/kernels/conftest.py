@@ -52,6 +52,12 @@ def assert_close():
 
 
 @pytest.fixture
+def tolerances() -> dict:
+    """TOLERANCES itself: two kernels each within it of the reference may be twice apart."""
+    return TOLERANCES
+
+
+@pytest.fixture
 def model_atol() -> float:
     return MODEL_ATOL_FP32
 

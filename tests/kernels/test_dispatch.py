@@ -67,6 +67,8 @@ def test_decide_layout_limits(h200):
     wide = dispatch.decide("decode", "cuda", torch.float16, 64, 64, 1, query_len=4)
     assert not wide.use_triton and "4 query tokens x 64 query heads per KV head > 128" in wide.reason
     assert dispatch.decide("prefill", "cuda", torch.float16, 64, 64, 1).use_triton  # prefill splits groups
+    # paged prefill: any number of query tokens, groups split in chunks of 16 heads
+    assert dispatch.decide("paged-prefill", "cuda", torch.bfloat16, 64, 64, 1, query_len=4096).use_triton
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         dispatch.decide("prefill", "cuda", torch.float16, 64, 6, 4)
     with pytest.raises(ValueError, match="unknown kernel"):
