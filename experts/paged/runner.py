@@ -1,13 +1,16 @@
 """Runs one scheduled step on the model: packs its tokens, keeps the paged KV cache, attends
-through frugalserve's kernels, captures decode steps in CUDA graphs, samples.
+through frugalserve's kernels, replays CUDA graphs, samples.
 
 The tokens of a step are one flat batch: decode tokens first (one per sequence, its context
-cached), then prefill chunks. Every layer writes the new K/V into their pages (KV-write kernel),
-then the decode rows attend through the paged decode kernel and the prefill rows through the
-varlen prefill kernel (keys gathered from the cache when a chunk continues a cached prefix). On
-CPU the same code runs the kernels' PyTorch references (`frugalserve.kernels.dispatch` decides,
-once, and says why). On GPU, steps that only decode replay a CUDA graph captured for the
-smallest batch-size bucket that holds them; steps with prefills run eagerly.
+cached), then prefill chunks. Every layer writes the new K/V into their pages (KV-write kernel)
+and attends over the cache:
+- a step that only decodes uses the paged decode kernel (split-K over long contexts);
+- a step with prefill chunks uses the paged prefill kernel for all its rows at once: each
+  sequence's new tokens attend to everything its pages hold, the chunk itself included.
+On CPU the same code runs the kernels' PyTorch references (`frugalserve.kernels.dispatch`
+decides, once, and says why). On GPU every step replays a CUDA graph: decode steps one captured
+per batch-size bucket, mixed steps one per total-token bucket (up to `max_num_seqs` sequences);
+the launch grids depend only on the bucket, so one graph serves any mix that fits it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from frugalserve.experts.paged.block_manager import SCRATCH_PAGE, BlockManager
+from frugalserve.experts.paged.block_manager import BlockManager
 from frugalserve.experts.paged.models import PagedModel
 from frugalserve.experts.paged.scheduler import Scheduled, Step
 from frugalserve.experts.sampling import choose_tokens
@@ -26,23 +29,41 @@ from frugalserve.kernels import dispatch
 
 logger = logging.getLogger(__name__)
 
-GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+DECODE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+TOKEN_BUCKETS = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144,
+                 8192)
 
 
 @dataclass
 class AttnMeta:
     """What every layer's attention needs for one step (tensors on the model's device)."""
 
-    slot_mapping: torch.Tensor  # [T] int32: flat cache slot of each token of the step
-    num_decodes: int
-    block_tables: torch.Tensor | None = None  # [num_decodes, pages_per_seq] int32
-    context_lens: torch.Tensor | None = None  # [num_decodes] int32 (new token included)
-    max_context: int = 0  # host bound on context_lens: no device sync in the decode launcher
-    num_splits: int | None = None  # fixed for captured graphs
-    cu_q: torch.Tensor | None = None  # [num_prefills + 1] int32
-    cu_k: torch.Tensor | None = None
-    max_q: int = 0
-    gather: torch.Tensor | None = None  # [sum of keys] flat slots; None: keys are the step's own
+    slot_mapping: torch.Tensor  # [T] int32: flat cache slot of each token (< 0: skipped)
+    decode_only: bool
+    block_tables: torch.Tensor  # [S, pages_per_seq] int32, one row per sequence of the step
+    seq_lens: torch.Tensor  # [S] int32: cached tokens of each sequence after this step's
+    max_context: int = 0  # host bound on seq_lens: no device sync in the decode launcher
+    num_splits: int | None = None  # decode: fixed for captured graphs
+    cu_q: torch.Tensor | None = None  # [S + 1] int32: each sequence's rows of the step
+    max_q: int = 0  # host bound on any sequence's rows (sizes the prefill grid)
+
+
+def _buckets(sizes, limit: int) -> list[int]:
+    return sorted({b for b in sizes if b < limit} | {limit})
+
+
+class _Graphs:
+    """CUDA graphs of one kind (decode or mixed) over one static int32 input buffer."""
+
+    def __init__(self, sizes: list[int]):
+        self.sizes = sizes
+        self.by_bucket: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def bucket(self, n: int) -> int | None:
+        for b in self.sizes:
+            if b >= n:
+                return b
+        return None
 
 
 class ModelRunner:
@@ -56,6 +77,8 @@ class ModelRunner:
         self.dtype = model.dtype
         self.page_size = blocks.page_size
         self.max_context = max_context
+        self.max_num_seqs = max_num_seqs
+        self.max_tokens = max_num_batched_tokens
         self.pages_per_seq = blocks.pages_for(max_context)
         shape = (blocks.num_pages, blocks.page_size, model.num_kv_heads, model.head_dim)
         # torch.empty: on CPU the OS backs only the pages the load touches.
@@ -64,12 +87,11 @@ class ModelRunner:
         self.v_cache = [torch.empty(shape, dtype=self.dtype, device=self.device)
                         for _ in range(model.num_layers)]
         self.meta: AttnMeta | None = None
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._buckets: dict[int, int] = {}
         self.graph_steps = 0
         self.eager_steps = 0
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.max_num_seqs = max_num_seqs
+        self.decode_graphs = _Graphs(_buckets(DECODE_BUCKETS, max_num_seqs))
+        self.mixed_graphs = _Graphs(_buckets(TOKEN_BUCKETS, max(16, max_num_batched_tokens)))
         self.attention = self._attention_plan()
         if self.cuda_graphs:
             self._capture_graphs()
@@ -86,15 +108,21 @@ class ModelRunner:
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
 
+    @property
+    def graphs(self) -> dict[int, tuple]:
+        return {**self.decode_graphs.by_bucket,
+                **{-t: g for t, g in self.mixed_graphs.by_bucket.items()}}
+
     def _attention_plan(self) -> dict[str, str]:
         m = self.model
         plan = {}
-        for kernel in ("prefill", "decode", "kv-write"):
+        for kernel in ("paged-prefill", "decode", "kv-write"):
             d = dispatch.decide(kernel, self.device, self.dtype, m.head_dim, m.num_heads,
-                              m.num_kv_heads)
+                                m.num_kv_heads)
             plan[kernel] = f"{'triton' if d.use_triton else 'reference'} ({d.reason})"
-        plan["cuda_graphs"] = ("decode steps, batch buckets up to "
-                               f"{self.max_num_seqs}" if self.cuda_graphs else "off")
+        plan["cuda_graphs"] = (
+            f"decode steps of 1..{self.max_num_seqs} sequences and mixed steps of up to "
+            f"{self.mixed_graphs.sizes[-1]} tokens" if self.cuda_graphs else "off")
         return plan
 
     # -- attention -------------------------------------------------------------------------
@@ -103,151 +131,163 @@ class ModelRunner:
         meta, m = self.meta, self.model
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         dispatch.write_kv(k, v, kc, vc, meta.slot_mapping)
-        nd = meta.num_decodes
-        if nd == q.shape[0]:
-            return dispatch.decode(q[:, None], kc, vc, meta.block_tables, meta.context_lens,
+        if meta.decode_only:
+            return dispatch.decode(q[:, None], kc, vc, meta.block_tables, meta.seq_lens,
                                    alibi_slopes=m.alibi, scale=m.scale,
                                    max_context_len=meta.max_context,
                                    num_splits=meta.num_splits)[:, 0]
-        out = torch.empty_like(q)
-        if nd:
-            out[:nd] = dispatch.decode(q[:nd, None], kc, vc, meta.block_tables, meta.context_lens,
-                                       alibi_slopes=m.alibi, scale=m.scale,
-                                       max_context_len=meta.max_context)[:, 0]
-        if meta.gather is None:
-            kp, vp = k[nd:], v[nd:]
-        else:
-            kp = kc.view(-1, *kc.shape[2:])[meta.gather]
-            vp = vc.view(-1, *vc.shape[2:])[meta.gather]
-        out[nd:] = dispatch.attention_varlen(q[nd:], kp, vp, meta.cu_q, meta.cu_k, meta.max_q,
-                                             causal=True, alibi_slopes=m.alibi, scale=m.scale,
-                                             autotune=False)
-        return out
+        return dispatch.paged_prefill(q, kc, vc, meta.block_tables, meta.cu_q, meta.seq_lens,
+                                      max_seqlen_q=meta.max_q, alibi_slopes=m.alibi,
+                                      scale=m.scale)
 
     # -- steps -----------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, step: Step) -> dict[int, tuple[int, float]]:
         rows = [s for s in step.scheduled if s.sample]
-        if self.graphs and not step.prefills and len(step.decodes) in self._buckets:
-            logits = self._replay(step.decodes)
-            self.graph_steps += 1
-        else:
+        logits = None
+        if self.cuda_graphs:
+            if not step.prefills:
+                logits = self._replay_decode(step.decodes)
+            elif len(step.scheduled) <= self.max_num_seqs:
+                logits = self._replay_mixed(step)
+        if logits is None:
             logits = self._eager(step)
             self.eager_steps += 1
+        else:
+            self.graph_steps += 1
         return self._sample(logits, rows)
 
-    def _slots(self, seq, start: int, n: int) -> np.ndarray:
-        pos = np.arange(start, start + n)
-        pages = np.asarray(seq.pages, dtype=np.int64)
-        return pages[pos // self.page_size] * self.page_size + pos % self.page_size
+    def _pack(self, scheduled: list[Scheduled], ids: np.ndarray, pos: np.ndarray,
+              slots: np.ndarray, cu_q: np.ndarray, lens: np.ndarray, bt: np.ndarray) -> list[int]:
+        """Write a step's inputs into host arrays; return the rows whose logits are sampled."""
+        P = self.page_size
+        t, sample = 0, []
+        cu_q[0] = 0
+        for j, s in enumerate(scheduled):
+            seq, n = s.seq, s.n
+            pages = seq.pages
+            bt[j, :len(pages)] = pages
+            if n == 1:
+                p = s.start
+                ids[t] = seq.tokens[p]
+                pos[t] = p
+                slots[t] = pages[p // P] * P + p % P
+            else:
+                p = np.arange(s.start, s.start + n)
+                ids[t:t + n] = seq.tokens[s.start:s.start + n]
+                pos[t:t + n] = p
+                slots[t:t + n] = np.asarray(pages)[p // P] * P + p % P
+            t += n
+            cu_q[j + 1] = t
+            lens[j] = s.start + n
+            if s.sample:
+                sample.append(t - 1)
+        return sample
 
     def _eager(self, step: Step) -> torch.Tensor:
-        decodes, prefills = step.decodes, step.prefills
-        nd = len(decodes)
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[np.ndarray] = []
-        for s in decodes:
-            seq, p = s.seq, s.start
-            ids.append(seq.tokens[p])
-            pos.append(p)
-        if nd:
-            slots.append(np.asarray([self.blocks.slot(s.seq, s.start) for s in decodes]))
-        cu_q, cu_k, gather, max_q, own_keys = [0], [0], [], 0, True
-        sample_idx = list(range(nd))  # every decode row samples
-        for s in prefills:
-            seq = s.seq
-            ids.extend(seq.tokens[s.start:s.start + s.n])
-            pos.extend(range(s.start, s.start + s.n))
-            slots.append(self._slots(seq, s.start, s.n))
-            cu_q.append(cu_q[-1] + s.n)
-            cu_k.append(cu_k[-1] + s.start + s.n)
-            max_q = max(max_q, s.n)
-            own_keys = own_keys and s.start == 0
-            gather.append(self._slots(seq, 0, s.start + s.n))
-            if s.sample:
-                sample_idx.append(nd + cu_q[-1] - 1)
+        scheduled = step.scheduled
+        S, T = len(scheduled), step.num_tokens
+        width = max(len(s.seq.pages) for s in scheduled)
+        ids, pos, slots = (np.zeros(T, dtype=np.int32) for _ in range(3))
+        cu_q, lens = np.zeros(S + 1, dtype=np.int32), np.zeros(S, dtype=np.int32)
+        bt = np.zeros((S, width), dtype=np.int32)
+        sample = self._pack(scheduled, ids, pos, slots, cu_q, lens, bt)
         dev = self.device
-        meta = AttnMeta(slot_mapping=_tensor(np.concatenate(slots), dev), num_decodes=nd)
-        if nd:
-            meta.block_tables = _tensor(self._block_table(decodes), dev)
-            meta.context_lens = _tensor(np.asarray([s.start + 1 for s in decodes]), dev)
-            meta.max_context = max(s.start + 1 for s in decodes)
-        if prefills:
-            meta.cu_q, meta.cu_k, meta.max_q = _tensor(cu_q, dev), _tensor(cu_k, dev), max_q
-            if not own_keys:
-                meta.gather = _tensor(np.concatenate(gather), dev).long()
-        self.meta = meta
+        self.meta = AttnMeta(
+            slot_mapping=_tensor(slots, dev), decode_only=not step.prefills,
+            block_tables=_tensor(bt, dev), seq_lens=_tensor(lens, dev),
+            max_context=int(lens.max()), cu_q=_tensor(cu_q, dev),
+            max_q=max(s.n for s in scheduled))
         hidden = self.model.forward(_tensor(ids, dev), _tensor(pos, dev), self._attend)
-        return self.model.logits(hidden[_tensor(sample_idx, dev).long()])
-
-    def _block_table(self, decodes: list[Scheduled]) -> np.ndarray:
-        width = max(len(s.seq.pages) for s in decodes)
-        table = np.zeros((len(decodes), width), dtype=np.int32)
-        for i, s in enumerate(decodes):
-            table[i, :len(s.seq.pages)] = s.seq.pages
-        return table
+        return self.model.logits(hidden[_tensor(sample, dev).long()])
 
     # -- CUDA graphs -----------------------------------------------------------------------
+    # One int32 device buffer holds every input of a graph: ids | positions | slots | cu_q |
+    # seq_lens | sample rows | block tables, with a pinned host twin: a step is one copy.
+
+    def _views(self, buf: torch.Tensor, T: int, S: int):
+        sizes = (T, T, T, S + 1, S, S)
+        out, at = [], 0
+        for n in sizes:
+            out.append(buf[at:at + n])
+            at += n
+        out.append(buf[at:at + S * self.pages_per_seq].view(S, self.pages_per_seq))
+        return out  # ids, pos, slots, cu_q, lens, sample, bt
 
     def _capture_graphs(self) -> None:
-        n = self.max_num_seqs
-        sizes = sorted({b for b in GRAPH_BUCKETS if b < n} | {n})
-        # batch size -> the captured bucket that runs it
-        self._buckets = {bs: next(b for b in sizes if b >= bs) for bs in range(1, n + 1)}
-        w = self.pages_per_seq
-        # One int32 buffer: ids | positions | slots | context lengths | block tables.
-        self._gbuf = torch.zeros(4 * n + n * w, dtype=torch.int32, device=self.device)
-        self._ghost = torch.zeros(4 * n + n * w, dtype=torch.int32).pin_memory()
-        g = self._gbuf
-        self._g_ids, self._g_pos, self._g_slots, self._g_ctx = (g[i * n:(i + 1) * n] for i in range(4))
-        self._g_bt = g[4 * n:].view(n, w)
-        self._g_ctx.fill_(1)  # capture reads the scratch page: valid memory, results unused
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         from frugalserve.kernels.decode import default_num_splits
 
+        S, W = self.max_num_seqs, self.pages_per_seq
+        T = max(self.mixed_graphs.sizes[-1], S)
+        n = 3 * T + 3 * S + 1 + S * W
+        self._buf = torch.zeros(n, dtype=torch.int32, device=self.device)
+        self._host = torch.zeros(n, dtype=torch.int32).pin_memory()
+        self._T = T
+        ids, pos, slots, cu_q, lens, sample, bt = self._views(self._buf, T, S)
+        lens.fill_(1)  # capture-time decode reads one token of the scratch page: valid memory
+        slots.fill_(-1)
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         pool = None
-        for bs in reversed(sizes):  # largest first: smaller graphs reuse its memory pool
-            meta = AttnMeta(slot_mapping=self._g_slots[:bs], num_decodes=bs,
-                            block_tables=self._g_bt[:bs], context_lens=self._g_ctx[:bs],
-                            max_context=self.max_context,
-                            num_splits=default_num_splits(bs, self.model.num_kv_heads,
-                                                          self.max_context, num_sms=sms))
-            self.meta = meta
-            with torch.inference_mode():
-                self._graph_body(bs)  # compiles the kernels outside the capture
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self._graph_body(bs)
+        captures = [("mixed", t) for t in reversed(self.mixed_graphs.sizes)]
+        captures += [("decode", b) for b in reversed(self.decode_graphs.sizes)]
+        for kind, size in captures:  # largest first: the others reuse its memory pool
+            if kind == "decode":
+                self.meta = AttnMeta(
+                    slot_mapping=slots[:size], decode_only=True, block_tables=bt[:size],
+                    seq_lens=lens[:size], max_context=self.max_context,
+                    num_splits=default_num_splits(size, self.model.num_kv_heads,
+                                                  self.max_context, num_sms=sms))
+                body = lambda b=size: self.model.logits(  # noqa: E731
+                    self.model.forward(ids[:b], pos[:b], self._attend))
+                graphs = self.decode_graphs
+            else:
+                self.meta = AttnMeta(slot_mapping=slots[:size], decode_only=False,
+                                     block_tables=bt, seq_lens=lens, cu_q=cu_q, max_q=size,
+                                     max_context=self.max_context)
+                body = lambda t=size: self.model.logits(  # noqa: E731
+                    self.model.forward(ids[:t], pos[:t], self._attend)[sample.long()])
+                graphs = self.mixed_graphs
+            body()  # compiles the kernels outside the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = body()
             pool = graph.pool()
-            self.graphs[bs] = (graph, out)
+            graphs.by_bucket[size] = (graph, out)
         torch.cuda.synchronize(self.device)
-        logger.info("captured %d decode graphs (batch %s)", len(self.graphs), sizes)
+        logger.info("captured CUDA graphs: decode batches %s, mixed-step tokens %s",
+                    self.decode_graphs.sizes, self.mixed_graphs.sizes)
 
-    def _graph_body(self, bs: int) -> torch.Tensor:
-        hidden = self.model.forward(self._g_ids[:bs], self._g_pos[:bs], self._attend)
-        return self.model.logits(hidden)
+    def _replay_decode(self, decodes: list[Scheduled]) -> torch.Tensor | None:
+        n = len(decodes)
+        b = self.decode_graphs.bucket(n)
+        if b is None:
+            return None
+        ids, pos, slots, cu_q, lens, sample, bt = self._views(self._host, self._T, self.max_num_seqs)
+        h = [v.numpy() for v in (ids, pos, slots, cu_q, lens, bt)]
+        self._pack(decodes, *h)
+        h[0][n:b], h[1][n:b], h[2][n:b], h[4][n:b] = 0, 0, -1, 0  # padded rows: nothing to do
+        return self._run(self.decode_graphs.by_bucket[b], n)
 
-    def _replay(self, decodes: list[Scheduled]) -> torch.Tensor:
-        n, bs = len(decodes), self._buckets[len(decodes)]
-        cap, w = self.max_num_seqs, self.pages_per_seq
-        host = self._ghost.numpy()
-        ids, pos, slots, ctx = (host[i * cap:i * cap + bs] for i in range(4))
-        for i, s in enumerate(decodes):
-            seq, p = s.seq, s.start
-            ids[i] = seq.tokens[p]
-            pos[i] = p
-            slots[i] = self.blocks.slot(seq, p)
-            ctx[i] = p + 1
-        ids[n:], pos[n:], slots[n:], ctx[n:] = 0, 0, SCRATCH_PAGE * self.page_size, 0
-        bt = host[4 * cap:].reshape(cap, w)
-        for i, s in enumerate(decodes):  # entries past a row's pages are never read
-            bt[i, :len(s.seq.pages)] = s.seq.pages
-        self._gbuf[:4 * cap].copy_(self._ghost[:4 * cap], non_blocking=True)
-        self._g_bt[:n].copy_(self._ghost[4 * cap:].view(cap, w)[:n], non_blocking=True)
-        graph, out = self.graphs[bs]
+    def _replay_mixed(self, step: Step) -> torch.Tensor | None:
+        T = step.num_tokens
+        t = self.mixed_graphs.bucket(T)
+        if t is None:
+            return None
+        scheduled = step.scheduled
+        S = len(scheduled)
+        ids, pos, slots, cu_q, lens, sample, bt = (
+            v.numpy() for v in self._views(self._host, self._T, self.max_num_seqs))
+        rows = self._pack(scheduled, ids, pos, slots, cu_q, lens, bt)
+        ids[T:t], pos[T:t], slots[T:t] = 0, 0, -1  # rows of no sequence: never sampled
+        cu_q[S + 1:], lens[S:] = T, 0  # padded sequences: no rows, no keys
+        sample[:len(rows)], sample[len(rows):] = rows, 0
+        return self._run(self.mixed_graphs.by_bucket[t], len(rows))
+
+    def _run(self, graph_out: tuple[torch.cuda.CUDAGraph, torch.Tensor], n: int) -> torch.Tensor:
+        self._buf.copy_(self._host, non_blocking=True)  # the host buffer is reused only after
+        graph, out = graph_out                             # the sampler's sync below
         graph.replay()
         return out[:n]
 

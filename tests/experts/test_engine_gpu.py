@@ -10,7 +10,7 @@ import pytest
 from frugalserve.experts.engine import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.gpu
-MODELS = Path(__file__).resolve().parents[2] / "experts" / "models"
+MODELS = Path(__file__).resolve().parents[2] / "experts" / "zoo" / "models"  # no pydantic on GPU images
 PROMPTS = ["What is 12 + 30?", "Reverse the word serve.", "What is the capital of Zorvia?",
            "x" * 50, "Sort the letters of frugal."]
 
@@ -20,8 +20,7 @@ def test_kernels_match_transformers_attention(name):
     from frugalserve.experts.transformers_engine import TransformersEngine
 
     path = MODELS / name
-    if not (path / "config.json").is_file():
-        pytest.skip(f"{name} is not in this checkout")
+    assert (path / "config.json").is_file(), f"{name} is not in this checkout"
     reqs = [GenerationRequest(messages=({"role": "user", "content": p},),
                               params=SamplingParams(max_tokens=12)) for p in PROMPTS]
     base = TransformersEngine.from_path(path, device="cuda", dtype="bfloat16", use_kernels=False)

@@ -16,7 +16,7 @@ import pytest
 from frugalserve.experts.engine import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.gpu
-MODELS = Path(__file__).resolve().parents[2] / "experts" / "models"
+MODELS = Path(__file__).resolve().parents[2] / "experts" / "zoo" / "models"  # no pydantic on GPU images
 PROMPTS = ["What is 12 + 30?", "Reverse the word serve.", "What is the capital of Zorvia?",
            "x" * 50, "Sort the letters of frugal.", "What is 4821 + 77?", "Spell paged backwards.",
            "Who founded Velandor?"]
@@ -31,8 +31,7 @@ def engine(name: str, **config):
     from frugalserve.experts.paged.engine import PagedConfig, PagedEngine
 
     path = MODELS / name
-    if not (path / "config.json").is_file():
-        pytest.skip(f"{name} is not in this checkout")
+    assert (path / "config.json").is_file(), f"{name} is not in this checkout"
     return PagedEngine.from_path(path, device="cuda", dtype="bfloat16",
                                  config=PagedConfig(max_num_seqs=16, **config))
 
