@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             engine = PagedEngine.from_path(args.model, device=args.device, dtype=args.dtype,
                                            config=config)
             attention = engine.info().attention
-        else:
-            engine = TransformersEngine.from_path(args.model, device=args.device, dtype=args.dtype)
+        else:  # the peers run stock transformers attention (sdpa); `static` runs our kernels
+            engine = TransformersEngine.from_path(args.model, device=args.device, dtype=args.dtype,
+                                                  use_kernels=kind == "static")
             attention = engine.info().attention
         for b in batches:
             try:

@@ -10,7 +10,9 @@ engine's mean running batch over the level (sequences per engine step, from the 
 Peer in the same run for the router's hop: the expert's deployment handle called directly,
 sequentially, against the same requests through HTTP (router added = HTTP p50 - handle p50).
 Every expert of `--experts` is deployed (on GPUs: `--num-gpus` each, all on one GPU if < 1); the
-load goes to `--target`.
+load goes to `--target`. With `--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (Ray Serve's
+high-throughput mode) the load goes to the router replica's own HTTP server (direct ingress, what
+Ray's HAProxy forwards to), and the hop is measured through it and through Serve's proxy.
 """
 
 from __future__ import annotations
@@ -126,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray-cpus", type=int, default=8)
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--admission-delay", type=float, default=None)
+    p.add_argument("--stream-interval", type=float, default=None)
+    p.add_argument("--serve-env", default="", help="KEY=VALUE,... set in Ray's processes (e.g. "
+                   "RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    p.add_argument("--router-replicas", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
@@ -133,23 +139,32 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from frugalserve.serve_app.app import build_app
+    from frugalserve.serve_app.run import THROUGHPUT_ENV, direct_ingress_url
     from ray import serve
 
-    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
+    env = dict(kv.split("=", 1) for kv in args.serve_env.split(",") if kv)
+    ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env} if env else None)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     batching = {"max_batch_size": args.max_batch_size}
     if args.admission_delay is not None:
         batching["admission_delay_s"] = args.admission_delay
+    if args.stream_interval is not None:
+        batching["stream_interval_s"] = args.stream_interval
     experts = [{
         "name": name, "model": f"builtin:{name}", "batching": batching,
         "max_ongoing_requests": 2 * max(levels), "autoscaling": {"enabled": False},
         "resources": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
     } for name in args.experts.split(",")]
     serve.run(build_app({"gpus": "auto", "default_model": args.target,
-                         "router": {"num_cpus": 1, "max_ongoing_requests": 4 * max(levels)},
+                         "router": {"num_cpus": 1, "max_ongoing_requests": 4 * max(levels),
+                                    "num_replicas": args.router_replicas},
                          "experts": experts}), name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
+    proxy_url = url = f"http://127.0.0.1:{port}"
+    direct = (direct_ingress_url("bench") if env.get(THROUGHPUT_ENV) == "1" else None)
+    if direct is not None:
+        url = direct  # the levels go to the router replica's own HTTP server
     handle = serve.get_deployment_handle(f"expert-{args.target}", app_name="bench")
     info = handle.info.remote().result()
     print(f"  {args.target}: {info['batching']} batching, attention {info['attention']}",
@@ -167,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['ttft_p50_ms']:.1f} ms, running batch {row['mean_running_batch']:.1f}",
               file=sys.stderr)
     hop = router_hop(url, handle, args.target, args.hop_requests, 16)
+    hop["ingress"] = "direct" if direct else "proxy"
+    if direct is not None:
+        via_proxy = router_hop(proxy_url, handle, args.target, args.hop_requests, 16)
+        hop["proxy_http_p50_ms"] = via_proxy["http_p50_ms"]
+        hop["proxy_router_added_p50_ms"] = via_proxy["router_added_p50_ms"]
     serve.shutdown()
     ray.shutdown()
 
@@ -185,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": date.today().isoformat(),
         "machine": device or f"{platform.machine()} {os.cpu_count()} CPUs",
         "experts": args.experts, "target": args.target, "num_gpus": args.num_gpus,
+        "serve_env": env, "router_replicas": args.router_replicas,
+        "ingress": "direct (the router replica's HTTP server)" if direct else "Serve's proxy",
         "batching": info["batching"], "attention": info["attention"],
         "max_tokens": args.max_tokens, "rows": rows, "router_hop": hop,
         "command": "python benchmarks/serving.py " + " ".join(argv or sys.argv[1:]),
@@ -199,8 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['concurrency']:>7} {r['tokens_per_s']:>10.1f} {r['ratio_vs_c1']:>5.1f}x "
               f"{r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms {r['itl_p50_ms']:>6.2f}ms "
               f"{r['itl_p99_ms']:>6.2f}ms {r['mean_running_batch']:>6.1f}")
-    print(f"router hop at 1 client: HTTP p50 {hop['http_p50_ms']:.1f} ms, handle p50 "
-          f"{hop['handle_p50_ms']:.1f} ms: +{hop['router_added_p50_ms']:.1f} ms")
+    print(f"router hop at 1 client ({hop['ingress']} ingress): HTTP p50 {hop['http_p50_ms']:.1f} "
+          f"ms, handle p50 {hop['handle_p50_ms']:.1f} ms: +{hop['router_added_p50_ms']:.1f} ms")
+    if "proxy_http_p50_ms" in hop:
+        print(f"  through Serve's proxy: HTTP p50 {hop['proxy_http_p50_ms']:.1f} ms: "
+              f"+{hop['proxy_router_added_p50_ms']:.1f} ms")
     print(f"wrote {args.out}")
     return 0
 

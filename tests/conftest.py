@@ -83,7 +83,9 @@ def ray_cluster():
                 include_dashboard=False,
                 log_to_driver=False,
                 object_store_memory=200 * 1024**2,
-                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+                # the mode `frugalserve serve` runs in: Ray Serve's high-throughput mode
+                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
+                                          "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}},
                 _metrics_export_port=METRICS_PORT,
                 _system_config={"metrics_report_interval_ms": 1000},
             )

@@ -40,9 +40,15 @@ def test_serve_command_starts_answers_and_stops(tmp_path):
         assert proc.poll() is None, "".join(lines[-30:])
         url = f"http://127.0.0.1:{port}"
         assert f"ready at {url}/v1" in lines[-1]
-        # the example request it prints next, sent as printed
-        example = [next(proc.stdout) for _ in range(4)]
+        # the high-throughput endpoint (Ray Serve's direct ingress), then the example request,
+        # sent as printed
+        fast = next(proc.stdout)
+        assert "high-throughput endpoint" in fast and "/v1" in fast, fast
+        example = []
+        while not example or "-d" not in example[-1]:
+            example.append(next(proc.stdout))
         curl = shlex.split("".join(example).replace("\\\n", " "))
+        assert curl[1].startswith(fast.split(": ", 1)[1].strip().removesuffix("/v1"))
         body = curl[curl.index("-d") + 1]
         r = httpx.post(curl[1], content=body, headers={"Content-Type": "application/json"},
                        timeout=60)
