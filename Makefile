@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 CONFIG ?= configs/local.yaml
 
-.PHONY: run test test-vllm lint typecheck load bench-batching clean
+.PHONY: run test test-vllm lint typecheck load bench-serving clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,8 +57,10 @@ typecheck: $(VENV)/.installed
 	cd $(TYPECHECK) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml \
 		--cache-dir $(CURDIR)/.mypy_cache -p frugalserve
 
-bench-batching: $(VENV)/.installed
-	$(BIN)/python benchmarks/batching.py
+# Serving through HTTP at 1/8/32/64 clients on this machine (docs/benchmarks.md).
+bench-serving: $(VENV)/.installed
+	$(BIN)/python benchmarks/serving.py --experts demo-llama --target demo-llama \
+		--serve-env RAY_SERVE_THROUGHPUT_OPTIMIZED=1 --out benchmarks/results/serving-cpu.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache

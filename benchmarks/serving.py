@@ -69,7 +69,9 @@ async def one(client: httpx.AsyncClient, model: str, i: int, max_tokens: int) ->
     return {"ttft": first, "e2e": end, "tokens": tokens, "itl": itl}
 
 
-async def level(url: str, model: str, clients: int, n: int, max_tokens: int) -> dict:
+async def level(urls: list[str], model: str, clients: int, n: int, max_tokens: int) -> dict:
+    """`clients` concurrent clients, spread round-robin over `urls` (as a load balancer in front
+    of several router replicas would), each sending its next request when the last one ends."""
     todo = iter(range(n))
     results: list[dict] = []
 
@@ -78,11 +80,16 @@ async def level(url: str, model: str, clients: int, n: int, max_tokens: int) -> 
             results.append(await one(client, model, i, max_tokens))
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await one(client, model, -1, max_tokens)  # warm-up
+    pools = [httpx.AsyncClient(base_url=u, timeout=600, limits=limits) for u in urls]
+    try:
+        for client in pools:
+            await one(client, model, -1, max_tokens)  # warm-up
         t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        await asyncio.gather(*(client_loop(pools[c % len(pools)]) for c in range(clients)))
         wall = time.perf_counter() - t0
+    finally:
+        for client in pools:
+            await client.aclose()
     tokens = sum(r["tokens"] for r in results)
     ms = [1000 * r["ttft"] for r in results]
     itl = [1000 * r["itl"] for r in results if r["itl"] == r["itl"]]
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from frugalserve.serve_app.app import build_app
-    from frugalserve.serve_app.run import THROUGHPUT_ENV, direct_ingress_url
+    from frugalserve.serve_app.run import THROUGHPUT_ENV, direct_ingress_urls
     from ray import serve
 
     env = dict(kv.split("=", 1) for kv in args.serve_env.split(",") if kv)
@@ -162,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                                     "num_replicas": args.router_replicas},
                          "experts": experts}), name="bench", route_prefix="/")
     proxy_url = url = f"http://127.0.0.1:{port}"
-    direct = (direct_ingress_url("bench") if env.get(THROUGHPUT_ENV) == "1" else None)
+    directs = direct_ingress_urls("bench") if env.get(THROUGHPUT_ENV) == "1" else []
+    direct = directs[0] if directs else None
     if direct is not None:
-        url = direct  # the levels go to the router replica's own HTTP server
+        url = direct  # the levels go to the router replicas' own HTTP servers
     handle = serve.get_deployment_handle(f"expert-{args.target}", app_name="bench")
     info = handle.info.remote().result()
     print(f"  {args.target}: {info['batching']} batching, attention {info['attention']}",
@@ -172,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for c in levels:
         before = handle.stats.remote().result()
-        row = asyncio.run(level(url, args.target, c, max(16, args.requests * c), args.max_tokens))
+        row = asyncio.run(level(directs or [url], args.target, c, max(16, args.requests * c),
+                                args.max_tokens))
         after = handle.stats.remote().result()
         steps = after.get("steps", 0) - before.get("steps", 0)
         seqs = after.get("seqs_per_step_total", 0) - before.get("seqs_per_step_total", 0)

@@ -23,8 +23,15 @@ THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
 def direct_ingress_url(app_name: str, host: str = "127.0.0.1", timeout_s: float = 30.0,
                        ) -> str | None:
-    """The URL of `app_name`'s router replica's own HTTP server (direct ingress), or None when
-    the mode is off or no replica serves HTTP itself. Ray has no public getter for it yet: the
+    """The URL of `app_name`'s (first) router replica's own HTTP server, or None."""
+    urls = direct_ingress_urls(app_name, host, timeout_s)
+    return urls[0] if urls else None
+
+
+def direct_ingress_urls(app_name: str, host: str = "127.0.0.1", timeout_s: float = 30.0,
+                        ) -> list[str]:
+    """The URLs of `app_name`'s router replicas' own HTTP servers (direct ingress); empty when
+    the mode is off or no replica serves HTTP itself. Ray has no public getter for them yet: the
     controller's target groups (what Ray's HAProxy routes by) name the replicas' ports."""
     import ray  # Ray is imported by main() only once the config is read
     from ray.serve.context import _get_global_client
@@ -34,17 +41,17 @@ def direct_ingress_url(app_name: str, host: str = "127.0.0.1", timeout_s: float 
         try:
             client = _get_global_client()
             if client is None:
-                return None
+                return []
             controller = client._controller
             groups = ray.get(controller.get_target_groups.remote(app_name), timeout=10)
         except Exception:  # noqa: BLE001 - no such API in this Ray: the proxy is the endpoint
-            return None
+            return []
         direct = [t.port for g in groups if str(g.protocol).upper().endswith("HTTP")
                   for t in g.targets if t.name.startswith("SERVE_REPLICA")]  # not the proxies
         if direct:
-            return f"http://{host}:{direct[0]}"
+            return [f"http://{host}:{p}" for p in sorted(direct)]
         if time.monotonic() > deadline:
-            return None
+            return []
         time.sleep(0.5)
 
 
