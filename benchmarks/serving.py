@@ -22,24 +22,13 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+from common import free_port, pct
 
 
 def prompt(i: int) -> str:
