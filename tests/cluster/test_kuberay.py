@@ -5,6 +5,7 @@ group matches the experts."""
 from __future__ import annotations
 
 import copy
+import os
 import shlex
 from pathlib import Path
 
@@ -16,7 +17,11 @@ from tests.conftest import REPO
 
 LOCAL = REPO / "configs/local.yaml"
 SAMPLES = REPO / "cluster/kuberay"
-CRD = Path(__file__).resolve().parents[2].parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"
+# KubeRay's RayService CRD, kept as data beside the checkout (not in the project):
+# ../shared/kuberay, or wherever FRUGALSERVE_KUBERAY_DATA points.
+KUBERAY_DATA = Path(os.environ.get("FRUGALSERVE_KUBERAY_DATA")
+                    or Path(__file__).resolve().parents[2].parent / "shared" / "kuberay")
+CRD = KUBERAY_DATA / "ray.io_rayservices.yaml"
 
 
 def generate(*argv: str, capsys) -> tuple[str, dict]:
@@ -29,7 +34,11 @@ def generate(*argv: str, capsys) -> tuple[str, dict]:
 def validator():
     """A Draft 7 validator over the CRD's v1 openAPIV3Schema, closed against unknown fields."""
     if not CRD.is_file():
-        pytest.skip(f"RayService CRD not found at {CRD} (../shared/kuberay is not checked out)")
+        why = (f"RayService CRD not found at {CRD}: check out KubeRay's data beside the project "
+               "(../shared/kuberay) or set FRUGALSERVE_KUBERAY_DATA")
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(why)  # in CI a manifest must be checked against the schema, never skipped
+        pytest.skip(why)
     import jsonschema
 
     crd = yaml.safe_load(CRD.read_text())
