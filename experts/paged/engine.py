@@ -117,8 +117,7 @@ class PagedEngine(Engine):
         num_pages = cache_pages(self.paged, config.page_size, max_num_seqs=config.max_num_seqs,
                                 max_context=self._max_context, budget_bytes=budget,
                                 reserved_bytes=reserved)
-        one_context = math.ceil(self._max_context / config.page_size) + 1
-        if num_pages < min(one_context, 2):
+        if num_pages < 2:  # the scratch page and one more; admission refuses what cannot fit
             raise InsufficientMemoryError(
                 f"{self.name}: {budget / 2**20:.0f} MiB budget leaves no room for a KV cache after "
                 f"{reserved / 2**20:.0f} MiB of weights and activations; raise memory_fraction or "
@@ -180,7 +179,7 @@ class PagedEngine(Engine):
             return budget, float(self._weights), act
         peak = self._profile_step(config)
         act = max(0.0, peak - self._weights) / config.max_num_batched_tokens
-        # CUDA graphs and the allocator's slack: a margin of 5 % of the activations' peak.
+        # CUDA graphs and the allocator's slack: a margin of 5 % over the measured peak.
         return budget, peak * 1.05, act
 
     def _profile_step(self, config: PagedConfig) -> float:
