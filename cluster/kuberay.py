@@ -6,10 +6,10 @@ with one documented change: `http_options.host` becomes `0.0.0.0`, because a Ser
 the config is touched (`--pin-gpus` is an opt-in second change, see below).
 
 The cluster has a CPU-only head (`num-cpus: "0"`, so no replica lands on it) and one worker group
-sized from the experts: every local expert replica asks `resources.num_gpus` GPUs, replicas are
+sized from the experts: every local expert replica asks `deployment.resources.num_gpus` GPUs, replicas are
 packed first-fit-decreasing into pods of `--gpus-per-worker` GPUs (default 1), and the group has
-exactly that many pods (`nvidia.com/gpu` in requests and limits). Remote (`kind: openai`) experts
-need no GPU. Ray's metrics export port (8080) is open on every pod for Prometheus.
+exactly that many pods (`nvidia.com/gpu` in requests and limits). Remote experts (a `remote`
+section) need no GPU. Ray's metrics export port (8080) is open on every pod for Prometheus.
 """
 
 from __future__ import annotations
@@ -137,9 +137,9 @@ def expert_apps(serve_config: dict[str, Any]):
 
 def replica_count(spec, bound: str) -> int:
     """Replicas of an expert at the autoscaling bound `min` or `max` (fixed without autoscaling)."""
-    a = spec.autoscaling
+    a = spec.deployment.autoscaling
     if not a.enabled:
-        return spec.num_replicas
+        return spec.deployment.num_replicas
     if bound == "max":
         return a.max_replicas
     return max(a.min_replicas, a.initial_replicas or 0)
@@ -159,10 +159,11 @@ def plan_workers(apps, gpus_per_worker: int = 1, worker_cpus: float = 8.0,
     for config in apps:
         router_cpus += config.router.num_cpus * config.router.num_replicas
         for spec in config.experts:
-            if spec.kind != "local":
+            if spec.is_remote:
                 continue
-            gpus = spec.resources.num_gpus if config.gpus != "never" else 0.0
-            replicas += [(gpus, spec.resources.num_cpus, spec.name)] * replica_count(spec, bound)
+            res = spec.deployment.resources
+            gpus = res.num_gpus if config.gpus != "never" else 0.0
+            replicas += [(gpus, res.num_cpus, spec.name)] * replica_count(spec, bound)
     cpus_total = router_cpus + sum(c for _, c, _ in replicas)
     if not any(g > 0 for g, _, _ in replicas):
         pods = max(1, math.ceil(cpus_total / worker_cpus))
@@ -202,8 +203,8 @@ def _resources(cpus: str, memory: str, gpus: int = 0) -> dict[str, Any]:
 def _secret_env(apps, name: str) -> list[dict[str, Any]]:
     """Remote experts' API keys from the Secret `<name>-api-keys` (optional: absent keys stay
     unset, as they would on a laptop)."""
-    envs = sorted({s.api_key_env for config in apps for s in config.experts
-                   if s.kind == "openai" and s.api_key_env})
+    envs = sorted({s.remote.api_key_env for config in apps for s in config.experts
+                   if s.remote is not None and s.remote.api_key_env})
     return [{"name": env, "valueFrom": {"secretKeyRef": {
         "name": f"{name}-api-keys", "key": env, "optional": True}}} for env in envs]
 

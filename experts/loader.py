@@ -6,18 +6,20 @@ from __future__ import annotations
 import logging
 
 from frugalserve.experts.engine import Engine
-from frugalserve.experts.spec import ExpertSpec, resolve_model_path
+from frugalserve.experts.spec import EngineSpec, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
 
-def build_engine(spec: ExpertSpec, gpu_share: float = 1.0) -> Engine:
-    """Load `spec`'s model into the engine that serves it. `gpu_share`: the fraction of its
-    GPU the replica was given (Ray's `num_gpus`), which sizes the paged engine's KV cache."""
-    if spec.engine == "vllm":
+def build_engine(spec: EngineSpec, gpu_share: float = 1.0, name: str = "") -> Engine:
+    """Load `spec`'s model into the engine that serves it, as expert `name`. `gpu_share`: the
+    fraction of its GPU the replica was given (Ray's `num_gpus`), which sizes the paged
+    engine's KV cache."""
+    name = name or spec.model_path.name
+    if spec.backend == "vllm":
         from frugalserve.experts.vllm_engine import VLLMEngine  # vllm: an optional extra
 
-        return VLLMEngine.from_spec(spec)
+        return VLLMEngine.from_spec(spec, name)
     from frugalserve.experts.paged.engine import PagedConfig, PagedEngine
     from frugalserve.experts.paged.models import UnsupportedModel, paged_model_for
     from frugalserve.experts.transformers_engine import (
@@ -30,9 +32,9 @@ def build_engine(spec: ExpertSpec, gpu_share: float = 1.0) -> Engine:
     model, tokenizer = load_model(spec.model_path, device=spec.device, dtype=spec.dtype,
                                   quantization=spec.quantization, double_quant=spec.double_quant,
                                   adapters=adapters)
-    common = dict(max_context=spec.max_context, name=spec.name,
+    common = dict(max_context=spec.max_context, name=name,
                   default_max_tokens=spec.max_tokens_default, quantization=spec.quantization)
-    mode, reason = spec.batching.continuous, "batching.continuous: off"
+    mode, reason = spec.scheduler.continuous, "engine.scheduler.continuous: off"
     if mode != "off":
         try:
             limit = min(spec.max_context or model_context_limit(model.config),
@@ -40,24 +42,18 @@ def build_engine(spec: ExpertSpec, gpu_share: float = 1.0) -> Engine:
             paged = paged_model_for(model, limit)
         except UnsupportedModel as exc:
             if mode == "on":
-                raise ValueError(f"expert {spec.name!r}: batching.continuous is 'on' but {exc}") from exc
+                raise ValueError(f"expert {name!r}: engine.scheduler.continuous is 'on' but "
+                                 f"{exc}") from exc
             reason = str(exc)
         else:
-            b, a = spec.batching, spec.autoscaling
-            config = PagedConfig(
-                max_num_seqs=b.max_batch_size, max_num_batched_tokens=b.max_batched_tokens,
-                admission_delay_s=b.admission_delay_s, stream_interval_s=b.stream_interval_s,
-                page_size=spec.kv_cache.page_size,
-                memory_fraction=a.memory_fraction, memory_budget_bytes=a.memory_budget_bytes,
-                gpu_share=gpu_share,
-                cuda_graphs=spec.kv_cache.cuda_graphs and spec.quantization == "none")
+            config = PagedConfig.from_spec(spec, gpu_share)
             engine = PagedEngine(model, tokenizer, config=config, paged=paged, **common)
-            logger.info("expert %s: continuous batching (paged engine, %s)", spec.name,
+            logger.info("expert %s: continuous batching (paged engine, %s)", name,
                         engine.info().attention)
             return engine
-    logger.info("expert %s: static batching (%s)", spec.name, reason)
+    logger.info("expert %s: static batching (%s)", name, reason)
     dev = next(model.parameters()).device
     return TransformersEngine(
         model, tokenizer, adapters=list(adapters), use_kernels=dev.type == "cuda" and not adapters,
-        memory_fraction=spec.autoscaling.memory_fraction,
-        memory_budget_bytes=spec.autoscaling.memory_budget_bytes, static_reason=reason, **common)
+        memory_fraction=spec.kv_cache.memory_fraction,
+        memory_budget_bytes=spec.kv_cache.memory_budget_bytes, static_reason=reason, **common)

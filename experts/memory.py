@@ -18,6 +18,8 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from frugalserve.experts.spec import DEFAULT_MEMORY_FRACTION
+
 # Names of the autoscaling metrics an expert replica reports (`record_autoscaling_stats`).
 # cluster/autoscaling.py is cloudpickled into Serve's controller and imports only the stdlib, so it
 # repeats these strings; tests/cluster/test_autoscaling.py checks the two agree.
@@ -236,7 +238,7 @@ def device_total_bytes(device, memory_budget_bytes: int | None = None) -> tuple[
 def profile_model(
     model,
     *,
-    memory_fraction: float = 0.9,
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
     memory_budget_bytes: int | None = None,
     measure: bool = True,
     name: str = "",

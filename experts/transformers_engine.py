@@ -27,6 +27,7 @@ from frugalserve.experts.engine import Admission, Engine, EngineInfo, StreamDelt
 from frugalserve.experts.memory import TokenLedger, profile_model
 from frugalserve.experts.output import OutputState, eos_token_ids, token_finish
 from frugalserve.experts.sampling import choose_tokens
+from frugalserve.experts.spec import DEFAULT_MAX_TOKENS, DEFAULT_MEMORY_FRACTION
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +126,9 @@ class TransformersEngine(Engine):
     batches_itself = False
 
     def __init__(self, model, tokenizer, *, max_context: int | None = None, name: str = "",
-                 default_max_tokens: int = 64, quantization: str = "none",
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, quantization: str = "none",
                  adapters: Sequence[str] = (), use_kernels: bool = False,
-                 memory_fraction: float = 0.9, memory_budget_bytes: int | None = None,
+                 memory_fraction: float = DEFAULT_MEMORY_FRACTION, memory_budget_bytes: int | None = None,
                  profile_memory: bool = True, static_reason: str = ""):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -162,7 +163,7 @@ class TransformersEngine(Engine):
     @classmethod
     def from_path(cls, path: str | Path, *, device: str = "auto", dtype: str = "auto",
                   max_context: int | None = None, name: str = "", use_kernels: bool = True,
-                  default_max_tokens: int = 64, quantization: str = "none",
+                  default_max_tokens: int = DEFAULT_MAX_TOKENS, quantization: str = "none",
                   double_quant: bool = True, adapters: dict[str, str | Path] | None = None,
                   **kwargs) -> TransformersEngine:
         model, tokenizer = load_model(path, device=device, dtype=dtype, quantization=quantization,
@@ -175,19 +176,6 @@ class TransformersEngine(Engine):
         logger.info("loaded %s from %s on %s in %s (attention: %s)", engine.name, path, dev,
                     next(model.parameters()).dtype, engine.attention)
         return engine
-
-    @classmethod
-    def from_spec(cls, spec) -> TransformersEngine:
-        from frugalserve.experts.spec import resolve_model_path
-
-        return cls.from_path(
-            spec.model_path, device=spec.device, dtype=spec.dtype, max_context=spec.max_context,
-            name=spec.name, default_max_tokens=spec.max_tokens_default,
-            quantization=spec.quantization, double_quant=spec.double_quant,
-            adapters={n: resolve_model_path(p) for n, p in spec.adapters.items()},
-            memory_fraction=spec.autoscaling.memory_fraction,
-            memory_budget_bytes=spec.autoscaling.memory_budget_bytes,
-        )
 
     # -- contract --------------------------------------------------------------------------
 

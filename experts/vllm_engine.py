@@ -30,65 +30,27 @@ from frugalserve.experts.engine import (
     StreamDelta,
     UnknownAdapterError,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from frugalserve.experts.spec import (
+    DEFAULT_MAX_TOKENS,
+    EngineSpec,
+    resolve_model_path,
+    validate_vllm_options,
+)
 
 logger = logging.getLogger(__name__)
 
 
-class VLLMOptions(BaseModel):
-    """`ExpertSpec.vllm`: engine arguments passed through to vLLM's `AsyncEngineArgs`.
-    Unset options keep vLLM's defaults."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tensor_parallel_size: int | None = Field(None, ge=1, description="GPUs one replica shards the model over")
-    gpu_memory_utilization: float | None = Field(
-        None, gt=0, le=1, description="share of each GPU's memory vLLM may take (weights + KV cache)")
-    max_model_len: int | None = Field(None, ge=8, description="context length; default: spec.max_context, "
-                                      "else the model's")
-    quantization: str | None = Field(None, description="vLLM quantization method: awq, gptq, fp8, "
-                                     "bitsandbytes, ...")
-    enable_lora: bool | None = Field(None, description="serve LoRA adapters")
-    max_loras: int | None = Field(None, ge=1, description="LoRA adapters in one batch")
-    max_lora_rank: int | None = Field(None, ge=1, description="largest LoRA rank served")
-    attention_backend: str | None = Field(
-        None, description="vLLM attention backend name; CUSTOM: frugalserve's kernels (the plugin)")
-    kv_cache_dtype: str | None = Field(None, description="auto, bfloat16, fp8, ...")
-    block_size: int | None = Field(None, ge=1, description="KV-cache block size in tokens")
-    max_num_seqs: int | None = Field(None, ge=1, description="requests vLLM runs at once")
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="tokens per scheduler step")
-    enable_prefix_caching: bool | None = None
-    enforce_eager: bool | None = Field(None, description="no CUDA graphs")
-    seed: int | None = Field(None, description="engine seed (per-request seeds come from requests)")
-    trust_remote_code: bool | None = None
-
-
-def validate_vllm_options(options: dict | None, expert: str = "") -> VLLMOptions:
-    """Check `ExpertSpec.vllm`; errors name the expert and the bad key. Usable from a spec validator
-    (needs neither vllm nor torch)."""
-    where = f"expert {expert!r}: " if expert else ""
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(VLLMOptions.model_fields))
-    if unknown:
-        raise ValueError(f"{where}unknown vllm option(s) {unknown}; known: {sorted(VLLMOptions.model_fields)}")
-    try:
-        return VLLMOptions.model_validate(options)
-    except ValidationError as exc:
-        bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"{where}bad vllm option(s): {bad}") from None
-
-
-def engine_args_from_spec(spec) -> dict[str, Any]:
-    """Keyword arguments for vLLM's `AsyncEngineArgs` from an `ExpertSpec` (engine vllm)."""
-    opts = validate_vllm_options(getattr(spec, "vllm", None), spec.name)
+def engine_args_from_spec(spec: EngineSpec, name: str) -> dict[str, Any]:
+    """Keyword arguments for vLLM's `AsyncEngineArgs` from expert `name`'s `EngineSpec`."""
+    opts = validate_vllm_options(spec.vllm, name)
     if spec.device == "cpu":
-        raise ValueError(f"expert {spec.name!r}: engine 'vllm' runs on CUDA GPUs; device is 'cpu'")
+        raise ValueError(f"expert {name!r}: backend 'vllm' runs on CUDA GPUs; device is 'cpu'")
     if opts.max_model_len and spec.max_context and opts.max_model_len != spec.max_context:
-        raise ValueError(f"expert {spec.name!r}: vllm.max_model_len ({opts.max_model_len}) and "
+        raise ValueError(f"expert {name!r}: vllm.max_model_len ({opts.max_model_len}) and "
                          f"max_context ({spec.max_context}) disagree; set one")
     args: dict[str, Any] = {
         "model": str(spec.model_path),
-        "served_model_name": spec.name,
+        "served_model_name": name,
         "dtype": spec.dtype,
         "disable_log_stats": False,  # the KV-cache usage reaches memory_stats through a stat logger
         "enable_log_requests": False,
@@ -97,8 +59,8 @@ def engine_args_from_spec(spec) -> dict[str, Any]:
         args["max_model_len"] = spec.max_context
     if (opts.tensor_parallel_size or 1) > 1:
         args["distributed_executor_backend"] = "ray"  # workers go into the replica's placement group
-    if getattr(spec, "quantization", "none") != "none":
-        raise ValueError(f"expert {spec.name!r}: quantization {spec.quantization!r} is the transformers "
+    if spec.quantization != "none":
+        raise ValueError(f"expert {name!r}: quantization {spec.quantization!r} is the transformers "
                          "engine's bitsandbytes loader; for engine 'vllm' set vllm.quantization "
                          "(e.g. 'bitsandbytes', 'awq', 'fp8')")
     adapters = lora_adapters(spec)
@@ -107,25 +69,22 @@ def engine_args_from_spec(spec) -> dict[str, Any]:
         args["max_loras"] = len(adapters)
     args.update(opts.model_dump(exclude_none=True))
     if adapters and not args["enable_lora"]:
-        raise ValueError(f"expert {spec.name!r}: adapters need LoRA; vllm.enable_lora is false")
+        raise ValueError(f"expert {name!r}: adapters need LoRA; vllm.enable_lora is false")
     return args
 
 
-def lora_adapters(spec) -> dict[str, tuple[int, str]]:
+def lora_adapters(spec: EngineSpec) -> dict[str, tuple[int, str]]:
     """The spec's LoRA adapters as vLLM wants them: name -> (positive int id, folder)."""
-    from frugalserve.experts.spec import resolve_model_path
-
-    names = sorted(getattr(spec, "adapters", None) or {})
+    names = sorted(spec.adapters)
     return {n: (k + 1, str(resolve_model_path(spec.adapters[n]))) for k, n in enumerate(names)}
 
 
-def deployment_resources(spec) -> dict[str, Any]:
+def deployment_resources(spec: EngineSpec, cpus: float, name: str = "") -> dict[str, Any]:
     """Serve deployment options that reserve the GPUs vLLM will use: one GPU per TP rank. TP 1:
     the replica holds the GPU. TP > 1: a STRICT_PACK placement group, the replica on a CPU bundle
-    and one single-GPU bundle per rank, which vLLM's Ray executor finds and uses."""
-    opts = validate_vllm_options(getattr(spec, "vllm", None), spec.name)
+    (`cpus`) and one single-GPU bundle per rank, which vLLM's Ray executor finds and uses."""
+    opts = validate_vllm_options(spec.vllm, name)
     tp = opts.tensor_parallel_size or 1
-    cpus = spec.resources.num_cpus
     if tp == 1:
         return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 1}}
     return {
@@ -288,7 +247,8 @@ class VLLMEngine(Engine):
     # `stream` each) rather than wait for the previous `stream_batch` to end.
     batches_itself = True
 
-    def __init__(self, llm, tokenizer, *, max_context: int, name: str = "", default_max_tokens: int = 64,
+    def __init__(self, llm, tokenizer, *, max_context: int, name: str = "",
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS,
                  attention_backend: str = "vllm", snapshot: _SchedulerSnapshot | None = None):
         self.llm = llm  # vllm.v1.engine.async_llm.AsyncLLM
         self.tokenizer = tokenizer
@@ -303,12 +263,12 @@ class VLLMEngine(Engine):
         self.adapters: dict[str, tuple[int, str]] = {}  # LoRA name -> (vLLM id, folder)
 
     @classmethod
-    def from_spec(cls, spec) -> VLLMEngine:
+    def from_spec(cls, spec: EngineSpec, name: str) -> VLLMEngine:
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        kwargs = engine_args_from_spec(spec)
+        kwargs = engine_args_from_spec(spec, name)
         backend = kwargs.get("attention_backend") or "vllm-auto"
         if backend == "CUSTOM":  # the entry point does this in vLLM's processes; here too, early
             from frugalserve.kernels.vllm_backend import register
@@ -319,11 +279,11 @@ class VLLMEngine(Engine):
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs),
                                         stat_loggers=[_stat_logger_factory(snapshot)])
         tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
-        engine = cls(llm, tokenizer, max_context=llm.model_config.max_model_len, name=spec.name,
+        engine = cls(llm, tokenizer, max_context=llm.model_config.max_model_len, name=name,
                      default_max_tokens=spec.max_tokens_default, attention_backend=backend,
                      snapshot=snapshot)
         engine.adapters = lora_adapters(spec)
-        logger.info("vLLM engine for %s: %s (attention: %s)", spec.name, kwargs, backend)
+        logger.info("vLLM engine for %s: %s (attention: %s)", name, kwargs, backend)
         return engine
 
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from frugalserve.serve_app.config import AppConfig, parse_app_config
+from frugalserve.serve_app.config import AppConfig, ExpertConfig, parse_app_config
 from frugalserve.serve_app.expert import ExpertServer
 from frugalserve.serve_app.router import Router
 from ray import serve
@@ -29,12 +29,12 @@ def _cluster_has_gpus() -> bool:
 MEMORY_POLICY = "frugalserve.cluster.autoscaling:MemoryPolicy"  # a string: no import of cluster
 
 
-def autoscaling_config(spec) -> dict[str, Any]:
+def autoscaling_config(expert: ExpertConfig) -> dict[str, Any]:
     """Serve's autoscaling_config for an expert: our memory-per-token policy with its knobs in
     policy_kwargs. Serve's own delays are 0: Ray 2.60 wraps custom policies with its delay logic,
     and the policy keeps its own hysteresis (delays would otherwise add up)."""
-    a = spec.autoscaling
-    floor = a.target_ongoing_requests or 2.0 * spec.batching.max_batch_size
+    a = expert.deployment.autoscaling
+    floor = a.target_ongoing_requests or 2.0 * expert.local.scheduler.max_batch_size
     config = {
         "min_replicas": a.min_replicas,
         "max_replicas": a.max_replicas,
@@ -57,30 +57,33 @@ def autoscaling_config(spec) -> dict[str, Any]:
     return config
 
 
-def expert_deployment_options(spec, use_gpus: bool) -> dict[str, Any]:
-    actor: dict[str, Any] = {"num_cpus": spec.resources.num_cpus}
-    if use_gpus and spec.resources.num_gpus > 0:
-        actor["num_gpus"] = spec.resources.num_gpus
-    if spec.resources.memory_bytes:
-        actor["memory"] = spec.resources.memory_bytes
+def expert_deployment_options(expert: ExpertConfig, use_gpus: bool) -> dict[str, Any]:
+    """Serve's deployment options for a local expert, from its `deployment` section (and its
+    engine's, for vLLM's GPUs and the autoscaler's request floor)."""
+    d, name = expert.deployment, expert.name
+    actor: dict[str, Any] = {"num_cpus": d.resources.num_cpus}
+    if use_gpus and d.resources.num_gpus > 0:
+        actor["num_gpus"] = d.resources.num_gpus
+    if d.resources.memory_bytes:
+        actor["memory"] = d.resources.memory_bytes
     options = {
-        "name": f"expert-{spec.name}" if not spec.name.startswith("expert-") else spec.name,
-        "max_ongoing_requests": spec.max_ongoing_requests,
-        "max_queued_requests": spec.max_queued_requests,
+        "name": f"expert-{name}" if not name.startswith("expert-") else name,
+        "max_ongoing_requests": d.max_ongoing_requests,
+        "max_queued_requests": d.max_queued_requests,
         "ray_actor_options": actor,
-        "health_check_period_s": 10,
-        "health_check_timeout_s": 30,
+        "health_check_period_s": d.health_check_period_s,
+        "health_check_timeout_s": d.health_check_timeout_s,
     }
-    if spec.engine == "vllm":  # vLLM takes whole GPUs, one per tensor-parallel rank
+    if expert.local.backend == "vllm":  # vLLM takes whole GPUs, one per tensor-parallel rank
         from frugalserve.experts.vllm_engine import deployment_resources
 
-        res = deployment_resources(spec)
+        res = deployment_resources(expert.local, d.resources.num_cpus, name)
         actor.update(res.pop("ray_actor_options"))
         options.update(res)
-    if spec.autoscaling.enabled:
-        options["autoscaling_config"] = autoscaling_config(spec)
+    if d.autoscaling.enabled:
+        options["autoscaling_config"] = autoscaling_config(expert)
     else:
-        options["num_replicas"] = spec.num_replicas
+        options["num_replicas"] = d.num_replicas
     return options
 
 
@@ -88,13 +91,13 @@ def build_app(args: dict[str, Any]) -> Application:
     config: AppConfig = parse_app_config(dict(args or {}))
     use_gpus = config.gpus == "always" or (config.gpus == "auto" and _cluster_has_gpus())
     handles = {}
-    for spec in config.experts:
-        if spec.kind != "local":
+    for expert in config.experts:
+        if expert.is_remote:
             continue  # remote experts are called by the router, no deployment
-        options = expert_deployment_options(spec, use_gpus)
+        options = expert_deployment_options(expert, use_gpus)
         deployment = serve.deployment(ExpertServer).options(**options)
-        handles[spec.name] = deployment.bind(spec.model_dump(mode="json"))
-        logger.info("expert %s: %s", spec.name, options["ray_actor_options"])
+        handles[expert.name] = deployment.bind(expert.model_dump(mode="json"))
+        logger.info("expert %s: %s", expert.name, options["ray_actor_options"])
     router = serve.deployment(Router).options(
         name="router",
         num_replicas=config.router.num_replicas,

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 import yaml
 from frugalserve.cascade.artifact import ArtifactError, RouterArtifact
-from frugalserve.experts.spec import ExpertSpec, resolve_model_path
+from frugalserve.experts.spec import NAME_PATTERN, EngineSpec, resolve_model_path
+from frugalserve.serve_app.specs import DeploymentSpec, RemoteSpec
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 APP_IMPORT_PATH = "frugalserve.serve_app.app:build_app"
@@ -63,12 +64,101 @@ class RoutingConfig(BaseModel):
     max_sessions: int = Field(10000, ge=1, description="sessions remembered per router replica")
 
 
+# Where each field of the old one-level expert config went (the config's shape before the split).
+_ENGINE_FIELDS = ("dtype", "device", "quantization", "double_quant", "adapters", "vllm",
+                  "max_context", "max_tokens_default", "kv_cache")
+_DEPLOYMENT_FIELDS = ("resources", "num_replicas", "max_ongoing_requests", "max_queued_requests")
+MOVED = {
+    "model": "`model` moved to `engine.model`",
+    "engine": "`engine: transformers|vllm` moved to `engine.backend`",
+    "batching": "`batching` moved: `continuous`, `max_batch_size`, `max_batched_tokens`, "
+                "`admission_delay_s`, `stream_interval_s` to `engine.scheduler`; "
+                "`batch_wait_timeout_s` to `deployment.batch_wait_timeout_s`",
+    "autoscaling": "`autoscaling` moved to `deployment.autoscaling`, except `memory_fraction` and "
+                   "`memory_budget_bytes`, which moved to `engine.kv_cache`",
+    "kind": "`kind` is gone: an expert with a `remote` section is remote, one with an `engine` "
+            "section is local",
+    "base_url": "`base_url` moved to `remote.base_url`",
+    "api_key_env": "`api_key_env` moved to `remote.api_key_env`",
+    "remote_model": "`remote_model` moved to `remote.model`",
+    "connect_timeout_s": "`connect_timeout_s` moved to `remote.connect_timeout_s`",
+    **{f: f"`{f}` moved to `engine.{f}`" for f in _ENGINE_FIELDS},
+    **{f: f"`{f}` moved to `deployment.{f}`" for f in _DEPLOYMENT_FIELDS},
+}
+
+
+def old_shape_error(fields: dict[str, Any]) -> str | None:
+    """What moved where, for an expert written in the config's old one-level shape."""
+    old = [k for k in MOVED if k in fields and not (k == "engine" and not isinstance(fields[k], str))]
+    if not old:
+        return None
+    return ("this expert is in the old config shape (engine, deployment and remote fields side "
+            "by side); " + "; ".join(MOVED[k] for k in old) + " (docs/configuration.md)")
+
+
+class ExpertConfig(BaseModel):
+    """One expert (or cascade tier): a local model (`engine` + `deployment`) or a remote endpoint
+    (`remote`), and what it costs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=NAME_PATTERN, description="id clients use as `model`")
+    description: str = ""
+    engine: EngineSpec | None = Field(None, description="a local expert: the engine of each replica")
+    deployment: DeploymentSpec = Field(
+        default_factory=DeploymentSpec, description="a local expert: its Serve deployment")
+    remote: RemoteSpec | None = Field(None, description="a remote expert: the endpoint")
+    cost_per_1k_prompt: float | None = Field(
+        None, ge=0, description="cost units per 1k prompt tokens; default: from parameter count"
+    )
+    cost_per_1k_completion: float | None = Field(
+        None, ge=0, description="cost units per 1k completion tokens; default: from parameter count"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_shape(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = old_shape_error(data)
+            if moved:
+                raise ValueError(f"expert {data.get('name', '?')!r}: {moved}")
+        return data
+
+    @model_validator(mode="after")
+    def _kind(self) -> ExpertConfig:
+        if (self.engine is None) == (self.remote is None):
+            raise ValueError(f"expert {self.name!r} needs exactly one of `engine` (a local model) "
+                             "and `remote` (an OpenAI-compatible endpoint)")
+        if self.remote is not None:
+            if self.deployment != DeploymentSpec():
+                raise ValueError(f"expert {self.name!r} is remote: it has no `deployment`")
+            if self.cost_per_1k_prompt is None or self.cost_per_1k_completion is None:
+                raise ValueError(f"expert {self.name!r} is remote: it needs cost_per_1k_prompt "
+                                 "and cost_per_1k_completion (its size is unknown)")
+        return self
+
+    @property
+    def is_remote(self) -> bool:
+        return self.remote is not None
+
+    @property
+    def local(self) -> EngineSpec:
+        """The engine spec of a local expert (raises for a remote one)."""
+        if self.engine is None:
+            raise ValueError(f"expert {self.name!r} is remote: it has no engine")
+        return self.engine
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        return self.engine.adapters if self.engine is not None else {}
+
+
 class AppConfig(BaseModel):
     """What `build_app` takes: the experts, the router, and how to place replicas."""
 
     model_config = ConfigDict(extra="forbid")
 
-    experts: list[ExpertSpec] = Field(..., min_length=1, description="one deployment each")
+    experts: list[ExpertConfig] = Field(..., min_length=1, description="one deployment each")
     default_model: str | None = Field(
         None, description="the expert or policy that answers `model: default`; first expert if unset"
     )
@@ -76,7 +166,7 @@ class AppConfig(BaseModel):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     gpus: Literal["auto", "always", "never"] = Field(
         "auto",
-        description="reserve `resources.num_gpus` per expert replica: auto = only where the "
+        description="reserve `deployment.resources.num_gpus` per expert replica: auto = only where the "
         "Ray cluster has GPUs",
     )
     _artifact: RouterArtifact | None = PrivateAttr(None)
@@ -126,7 +216,7 @@ class AppConfig(BaseModel):
         """adapter name -> the expert (deployment) that serves it."""
         return {a: e.name for e in self.experts for a in e.adapters}
 
-    def expert(self, name: str) -> ExpertSpec:
+    def expert(self, name: str) -> ExpertConfig:
         for spec in self.experts:
             if spec.name == name:
                 return spec

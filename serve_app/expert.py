@@ -17,31 +17,35 @@ import os
 from collections.abc import AsyncIterator, Callable
 
 from frugalserve.experts.engine import Admission, Completion, Engine, GenerationRequest, StreamDelta
-from frugalserve.experts.spec import ExpertSpec, default_cost_per_1k
+from frugalserve.experts.spec import EngineSpec, default_cost_per_1k
+from frugalserve.serve_app.config import ExpertConfig
 from frugalserve.serve_app.metrics import expert_metrics
 from ray import serve
 
 logger = logging.getLogger("ray.serve")
 
-EngineFactory = Callable[[ExpertSpec, float], Engine]
+EngineFactory = Callable[[EngineSpec, float, str], Engine]  # (spec, GPU share, expert name)
 
 
-def _default_factory(spec: ExpertSpec, gpu_share: float) -> Engine:
+def _default_factory(spec: EngineSpec, gpu_share: float, name: str) -> Engine:
     from frugalserve.experts.loader import build_engine  # torch: loaded in the replica only
 
-    return build_engine(spec, gpu_share)
+    return build_engine(spec, gpu_share, name)
 
 
 class ExpertServer:
     """Serve deployment class for one expert; `build_app` wraps it with `serve.deployment`."""
 
     def __init__(self, spec: dict, engine_factory: EngineFactory | None = None):
-        self.spec = ExpertSpec.model_validate(spec)
-        _limit_threads(self.spec.resources.num_cpus)
-        gpu_share = self.spec.resources.num_gpus if self.spec.resources.num_gpus > 0 else 1.0
-        self.engine: Engine = (engine_factory or _default_factory)(self.spec, gpu_share)
-        self._batched.set_max_batch_size(self.spec.batching.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.spec.batching.batch_wait_timeout_s)
+        self.spec = ExpertConfig.model_validate(spec)
+        engine_spec, deployment = self.spec.local, self.spec.deployment
+        _limit_threads(deployment.resources.num_cpus)
+        gpus = deployment.resources.num_gpus
+        self.engine: Engine = (engine_factory or _default_factory)(
+            engine_spec, gpus if gpus > 0 else 1.0, self.spec.name)
+        # static engines: Serve's batcher collects up to the engine's batch size
+        self._batched.set_max_batch_size(engine_spec.scheduler.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(deployment.batch_wait_timeout_s)
         self.engine_info = self.engine.info()
         params = self.engine_info.num_parameters
         self.cost_in = self.spec.cost_per_1k_prompt
@@ -64,8 +68,8 @@ class ExpertServer:
         e = self.engine_info
         return {
             "name": self.spec.name,
-            "model": self.spec.model,
-            "engine": self.spec.engine,
+            "model": self.spec.local.model,
+            "engine": self.spec.local.backend,
             "batching": e.batching,
             "device": e.device,
             "dtype": e.dtype,

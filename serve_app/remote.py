@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 from frugalserve.experts.engine import Completion, GenerationRequest
-from frugalserve.experts.spec import ExpertSpec
 from frugalserve.serve_app.clients import ExpertStream, expert_error, prompt_param
+from frugalserve.serve_app.config import ExpertConfig
 from frugalserve.serve_app.errors import APIError
 
 
@@ -20,9 +20,10 @@ class RemoteExpertError(RuntimeError):
 
 
 class RemoteClient:
-    def __init__(self, spec: ExpertSpec, timeout_s: float):
-        self.spec, self.name, self.timeout_s = spec, spec.name, timeout_s
-        assert spec.base_url is not None  # the spec's validator requires it for kind openai
+    def __init__(self, expert: ExpertConfig, timeout_s: float):
+        assert expert.remote is not None  # make_clients gives this client remote experts only
+        self.expert, self.spec, self.name, self.timeout_s = expert, expert.remote, expert.name, timeout_s
+        spec = self.spec
         key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client = httpx.AsyncClient(
@@ -31,14 +32,14 @@ class RemoteClient:
         )
 
     async def info(self) -> dict[str, Any]:
-        s = self.spec
+        e, s = self.expert, self.spec
         return {
-            "name": s.name, "model": s.remote_model or s.name, "engine": "openai",
-            "max_context": s.max_context or 4096, "max_tokens_default": s.max_tokens_default,
-            "num_parameters": 0, "cost_per_1k_prompt": s.cost_per_1k_prompt,
-            "cost_per_1k_completion": s.cost_per_1k_completion,
+            "name": e.name, "model": s.model or e.name, "engine": "openai",
+            "max_context": s.max_context, "max_tokens_default": None,
+            "num_parameters": 0, "cost_per_1k_prompt": e.cost_per_1k_prompt,
+            "cost_per_1k_completion": e.cost_per_1k_completion,
             "batching": "remote", "attention": {"attention": "remote"},
-            "description": s.description,
+            "description": e.description,
         }
 
     async def generate(self, request: GenerationRequest) -> Completion:
@@ -56,7 +57,7 @@ class RemoteClient:
 
     async def _post(self, request: GenerationRequest) -> Completion:
         p = request.params
-        body: dict[str, Any] = {"model": self.spec.remote_model or self.spec.name, "temperature": p.temperature,
+        body: dict[str, Any] = {"model": self.spec.model or self.name, "temperature": p.temperature,
                 "top_p": p.top_p, "logprobs": True}
         if p.max_tokens is not None:
             body["max_tokens"] = p.max_tokens
@@ -73,10 +74,10 @@ class RemoteClient:
             r = await self._client.post(path, json=body)
         except httpx.HTTPError as exc:
             raise RemoteExpertError(
-                f"remote expert {self.spec.name!r} at {self.spec.base_url} is unreachable: "
+                f"remote expert {self.name!r} at {self.spec.base_url} is unreachable: "
                 f"{type(exc).__name__}") from None
         if r.status_code >= 400:
-            raise RemoteExpertError(f"remote expert {self.spec.name!r} answered {r.status_code}: "
+            raise RemoteExpertError(f"remote expert {self.name!r} answered {r.status_code}: "
                                     f"{r.text[:300]}")
         return _completion(r.json(), chat=request.messages is not None)
 

@@ -44,13 +44,13 @@ def make_clients(config: AppConfig, handles: dict[str, Any]) -> dict[str, Expert
     handle, remote experts over HTTP."""
     timeout = config.router.request_timeout_s
     clients: dict[str, ExpertClient] = {}
-    for spec in config.experts:
-        if spec.kind == "openai":
-            clients[spec.name] = RemoteClient(spec, timeout)
+    for expert in config.experts:
+        if expert.is_remote:
+            clients[expert.name] = RemoteClient(expert, timeout)
             continue
-        clients[spec.name] = HandleClient(spec.name, handles[spec.name], timeout)
-        for adapter in spec.adapters:
-            clients[adapter] = HandleClient(adapter, handles[spec.name], timeout, adapter=adapter)
+        clients[expert.name] = HandleClient(expert.name, handles[expert.name], timeout)
+        for adapter in expert.adapters:
+            clients[adapter] = HandleClient(adapter, handles[expert.name], timeout, adapter=adapter)
     return clients
 
 

@@ -53,16 +53,14 @@ TEST_APP_ARGS = {
     "experts": [
         {
             "name": "demo-llama",
-            "model": "builtin:demo-llama",
-            "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.1},
-            "resources": {"num_cpus": 0.5},
+            "engine": {"model": "builtin:demo-llama", "scheduler": {"max_batch_size": 32}},
+            "deployment": {"resources": {"num_cpus": 0.5}, "batch_wait_timeout_s": 0.1},
         },
         {
             "name": "demo-falcon",
-            "model": "builtin:demo-falcon",
-            "max_context": 128,
-            "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.1},
-            "resources": {"num_cpus": 0.5},
+            "engine": {"model": "builtin:demo-falcon", "max_context": 128,
+                       "scheduler": {"max_batch_size": 32}},
+            "deployment": {"resources": {"num_cpus": 0.5}, "batch_wait_timeout_s": 0.1},
         },
     ],
 }
@@ -165,13 +163,13 @@ def app_url(serve_http, demo_router, demo_adapter):
     serve.run(build_app(remote_args), name="remote", route_prefix="/remote")
     args = copy.deepcopy(TEST_APP_ARGS)
     args["routing"] = {"artifact": str(demo_router)}
-    args["experts"][0]["adapters"] = {"demo-llama-lora": str(demo_adapter)}
+    args["experts"][0]["engine"]["adapters"] = {"demo-llama-lora": str(demo_adapter)}
     args["experts"] += [
-        {"name": "hosted-falcon", "kind": "openai", "base_url": f"{serve_http}/remote/v1",
-         "remote_model": "demo-falcon", "api_key_env": "FRUGALSERVE_TEST_KEY",
-         "cost_per_1k_prompt": 1.0, "cost_per_1k_completion": 2.0, "max_context": 128},
-        {"name": "dead", "kind": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1",
-         "cost_per_1k_prompt": 1.0, "cost_per_1k_completion": 1.0, "connect_timeout_s": 2},
+        {"name": "hosted-falcon", "cost_per_1k_prompt": 1.0, "cost_per_1k_completion": 2.0,
+         "remote": {"base_url": f"{serve_http}/remote/v1", "model": "demo-falcon",
+                    "api_key_env": "FRUGALSERVE_TEST_KEY", "max_context": 128}},
+        {"name": "dead", "cost_per_1k_prompt": 1.0, "cost_per_1k_completion": 1.0,
+         "remote": {"base_url": f"http://127.0.0.1:{free_port()}/v1", "connect_timeout_s": 2}},
     ]
     serve.run(build_app(args), name="frugalserve", route_prefix="/")
     _wait_ready(serve_http, started)

@@ -49,6 +49,13 @@ from frugalserve.experts.paged.models import PagedModel, paged_model_for
 from frugalserve.experts.paged.runner import ModelRunner, cache_pages
 from frugalserve.experts.paged.scheduler import Scheduled, SchedulerConfig, Step
 from frugalserve.experts.paged.sequence import Sequence
+from frugalserve.experts.spec import (
+    DEFAULT_MAX_TOKENS,
+    EngineSpec,
+    KVCacheSpec,
+    SchedulerSpec,
+)
+from frugalserve.experts.spec import spec_default as _default
 from frugalserve.experts.transformers_engine import (
     load_model,
     model_context_limit,
@@ -61,17 +68,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PagedConfig:
-    """The paged engine's knobs (the expert config's `batching` and `kv_cache` sections)."""
+    """The paged engine's knobs: the engine spec's `scheduler` and `kv_cache` sections, whose
+    defaults these are."""
 
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    admission_delay_s: float = 0.0
-    page_size: int = 16
-    memory_fraction: float = 0.9  # share of the replica's memory weights + cache + activations take
+    max_num_seqs: int = _default(SchedulerSpec, "max_batch_size")
+    max_num_batched_tokens: int = _default(SchedulerSpec, "max_batched_tokens")
+    admission_delay_s: float = _default(SchedulerSpec, "admission_delay_s")
+    page_size: int = _default(KVCacheSpec, "page_size")
+    # share of the replica's memory weights + cache + activations take
+    memory_fraction: float = _default(KVCacheSpec, "memory_fraction")
     memory_budget_bytes: int | None = None  # instead of the device's memory (x gpu_share)
     gpu_share: float = 1.0  # the replica's fraction of its GPU (Ray's num_gpus)
-    cuda_graphs: bool = True
-    stream_interval_s: float = 0.05  # streamed tokens are handed over in chunks of this period
+    cuda_graphs: bool = _default(KVCacheSpec, "cuda_graphs")
+    # streamed tokens are handed over in chunks of this period
+    stream_interval_s: float = _default(SchedulerSpec, "stream_interval_s")
+
+    @classmethod
+    def from_spec(cls, spec: EngineSpec, gpu_share: float = 1.0) -> PagedConfig:
+        s, kv = spec.scheduler, spec.kv_cache
+        return cls(max_num_seqs=s.max_batch_size, max_num_batched_tokens=s.max_batched_tokens,
+                   admission_delay_s=s.admission_delay_s, stream_interval_s=s.stream_interval_s,
+                   page_size=kv.page_size, memory_fraction=kv.memory_fraction,
+                   memory_budget_bytes=kv.memory_budget_bytes, gpu_share=gpu_share,
+                   cuda_graphs=kv.cuda_graphs and spec.quantization == "none")
 
 
 @dataclass
@@ -95,7 +114,8 @@ class PagedEngine(Engine):
     batches_itself = True
 
     def __init__(self, model, tokenizer, *, config: PagedConfig = PagedConfig(),
-                 max_context: int | None = None, name: str = "", default_max_tokens: int = 64,
+                 max_context: int | None = None, name: str = "",
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS,
                  quantization: str = "none", paged: PagedModel | None = None):
         self.model = model
         self.tokenizer = tokenizer

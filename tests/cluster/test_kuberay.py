@@ -103,7 +103,7 @@ def test_serve_fields_ray_would_ignore_are_rejected():
 
 def test_bad_app_args_name_the_field(tmp_path, capsys):
     config = local_config()
-    config["applications"][0]["args"]["experts"][0]["resources"]["num_gpu"] = 1
+    config["applications"][0]["args"]["experts"][0]["deployment"]["resources"]["num_gpu"] = 1
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config))
     assert kuberay.main(["--config", str(path)]) == 2
@@ -181,7 +181,7 @@ def test_gpu_workers_match_experts(capsys):
     config = local_config()
     experts = config["applications"][0]["args"]["experts"]
     # every expert autoscales by default: from 1 replica each up to 4 (AutoscalingSpec defaults)
-    low = sum(e["resources"]["num_gpus"] for e in experts)
+    low = sum(e["deployment"]["resources"]["num_gpus"] for e in experts)
     _, manifest = generate("--config", str(LOCAL), capsys=capsys)
     pods, gpus = workers(manifest)
     assert (pods, gpus) == (low, 1)
@@ -209,9 +209,9 @@ def write_config(tmp_path, experts, gpus="auto") -> Path:
 
 
 def expert(name, num_gpus, replicas=1, num_cpus=1, autoscaling=None):
-    return {"name": name, "model": "builtin:demo-llama", "num_replicas": replicas,
-            "autoscaling": autoscaling or {"enabled": False},
-            "resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
+    return {"name": name, "engine": {"model": "builtin:demo-llama"},
+            "deployment": {"num_replicas": replicas, "autoscaling": autoscaling or {"enabled": False},
+                           "resources": {"num_cpus": num_cpus, "num_gpus": num_gpus}}}
 
 
 def test_autoscaled_experts_size_the_worker_group_from_min_to_max(tmp_path, capsys):
@@ -226,8 +226,9 @@ def test_autoscaled_experts_size_the_worker_group_from_min_to_max(tmp_path, caps
     assert cluster["enableInTreeAutoscaling"] is True
 
 
-REMOTE = {"name": "hosted", "kind": "openai", "base_url": "http://example.invalid/v1",
-          "api_key_env": "HOSTED_KEY", "cost_per_1k_prompt": 1.0, "cost_per_1k_completion": 1.0}
+REMOTE = {"name": "hosted", "remote": {"base_url": "http://example.invalid/v1",
+                                       "api_key_env": "HOSTED_KEY"},
+          "cost_per_1k_prompt": 1.0, "cost_per_1k_completion": 1.0}
 
 
 @pytest.mark.parametrize("experts, per_worker, want", [

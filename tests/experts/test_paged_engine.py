@@ -243,16 +243,15 @@ def test_models_without_a_paged_forward_say_why():
 
 def test_the_loader_falls_back_to_static_batches_with_the_reason(demo_adapter):
     from frugalserve.experts.loader import build_engine
-    from frugalserve.experts.spec import ExpertSpec
+    from frugalserve.experts.spec import EngineSpec
 
-    spec = ExpertSpec(name="d", model="builtin:demo-llama", device="cpu",
-                      adapters={"lora": str(demo_adapter)})
-    engine = build_engine(spec)
+    spec = EngineSpec(model="builtin:demo-llama", device="cpu", adapters={"lora": str(demo_adapter)})
+    engine = build_engine(spec, name="d")
     assert engine.info().batching == "static"
     assert "LoRA" in engine.info().details["static_batching_reason"]
     with pytest.raises(ValueError, match="continuous is 'on'"):
-        build_engine(spec.model_copy(update={"batching": spec.batching.model_copy(
-            update={"continuous": "on"})}))
-    plain = build_engine(ExpertSpec(name="p", model="builtin:demo-llama", device="cpu"))
+        build_engine(spec.model_copy(update={"scheduler": spec.scheduler.model_copy(
+            update={"continuous": "on"})}), name="d")
+    plain = build_engine(EngineSpec(model="builtin:demo-llama", device="cpu"), name="p")
     assert plain.info().batching == "continuous"
     plain.close()

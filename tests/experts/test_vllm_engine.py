@@ -13,7 +13,7 @@ import pytest
 import torch
 from frugalserve.experts import vllm_engine as ve
 from frugalserve.experts.engine import PromptTooLongError, SamplingParams, completion_budget
-from frugalserve.experts.spec import ExpertSpec
+from frugalserve.experts.spec import EngineSpec
 from frugalserve.kernels import alibi_slopes, vllm_backend
 from frugalserve.kernels.reference import attention_reference
 
@@ -21,10 +21,10 @@ NO_VLLM = importlib.util.find_spec("vllm") is None
 needs_no_vllm = pytest.mark.skipif(not NO_VLLM, reason="checks behaviour without vLLM installed")
 
 
-def _spec(vllm: dict | None = None, **fields) -> ExpertSpec:
-    """A valid spec switched to engine vllm (validating engine vllm needs vLLM installed)."""
-    base = ExpertSpec(name="big", model="/models/big", **fields)
-    return base.model_copy(update={"engine": "vllm", "vllm": vllm or {}})
+def _spec(vllm: dict | None = None, **fields) -> EngineSpec:
+    """A valid spec switched to backend vllm (validating backend vllm needs vLLM installed)."""
+    base = EngineSpec(model="/models/big", **fields)
+    return base.model_copy(update={"backend": "vllm", "vllm": vllm or {}})
 
 
 # -- without vLLM --------------------------------------------------------------------------------
@@ -33,7 +33,7 @@ def _spec(vllm: dict | None = None, **fields) -> ExpertSpec:
 @needs_no_vllm
 def test_spec_with_engine_vllm_names_the_extra():
     with pytest.raises(ValueError, match=r"pip install 'frugalserve\[vllm\]'"):
-        ExpertSpec(name="big", model="/models/big", engine="vllm")
+        EngineSpec(model="/models/big", backend="vllm")
 
 
 @needs_no_vllm
@@ -46,7 +46,7 @@ def test_backend_module_imports_and_register_names_the_extra():
 
 
 def test_transformers_stays_the_default_engine():
-    assert ExpertSpec(name="small", model="/models/small").engine == "transformers"
+    assert EngineSpec(model="/models/small").backend == "transformers"
 
 
 # -- engine arguments ---------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def test_engine_args_map_spec_fields():
     spec = _spec({"tensor_parallel_size": 2, "gpu_memory_utilization": 0.85, "quantization": "awq",
                   "enable_lora": True, "attention_backend": "CUSTOM", "max_num_seqs": 64},
                  dtype="bfloat16", max_context=4096)
-    assert ve.engine_args_from_spec(spec) == {
+    assert ve.engine_args_from_spec(spec, "big") == {
         "model": "/models/big", "served_model_name": "big", "dtype": "bfloat16", "max_model_len": 4096,
         "disable_log_stats": False, "enable_log_requests": False,
         "distributed_executor_backend": "ray", "tensor_parallel_size": 2,
@@ -66,28 +66,28 @@ def test_engine_args_map_spec_fields():
 
 
 def test_engine_args_defaults_leave_vllm_defaults():
-    args = ve.engine_args_from_spec(_spec())
+    args = ve.engine_args_from_spec(_spec(), "big")
     assert args == {"model": "/models/big", "served_model_name": "big", "dtype": "auto",
                     "disable_log_stats": False, "enable_log_requests": False}
-    assert ve.engine_args_from_spec(_spec({"max_model_len": 1024}))["max_model_len"] == 1024
+    assert ve.engine_args_from_spec(_spec({"max_model_len": 1024}), "big")["max_model_len"] == 1024
 
 
 def test_engine_args_reject_unknown_and_bad_options():
     with pytest.raises(ValueError, match=r"expert 'big': unknown vllm option\(s\) \['tensor_parallel'\]"):
-        ve.engine_args_from_spec(_spec({"tensor_parallel": 2}))
+        ve.engine_args_from_spec(_spec({"tensor_parallel": 2}), "big")
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
-        ve.engine_args_from_spec(_spec({"gpu_memory_utilization": 1.5}))
+        ve.engine_args_from_spec(_spec({"gpu_memory_utilization": 1.5}), "big")
     with pytest.raises(ValueError, match="tensor_parallel_size"):
-        ve.engine_args_from_spec(_spec({"tensor_parallel_size": "two"}))
+        ve.engine_args_from_spec(_spec({"tensor_parallel_size": "two"}), "big")
     with pytest.raises(ValueError, match="disagree"):
-        ve.engine_args_from_spec(_spec({"max_model_len": 1024}, max_context=2048))
+        ve.engine_args_from_spec(_spec({"max_model_len": 1024}, max_context=2048), "big")
     with pytest.raises(ValueError, match="CUDA"):
-        ve.engine_args_from_spec(_spec(device="cpu"))
+        ve.engine_args_from_spec(_spec(device="cpu"), "big")
 
 
 def test_deployment_reserves_one_gpu_per_tp_rank():
-    assert ve.deployment_resources(_spec()) == {"ray_actor_options": {"num_cpus": 1.0, "num_gpus": 1}}
-    tp4 = ve.deployment_resources(_spec({"tensor_parallel_size": 4}))
+    assert ve.deployment_resources(_spec(), 1.0) == {"ray_actor_options": {"num_cpus": 1.0, "num_gpus": 1}}
+    tp4 = ve.deployment_resources(_spec({"tensor_parallel_size": 4}), 1.0)
     assert tp4["ray_actor_options"]["num_gpus"] == 0
     assert tp4["placement_group_bundles"] == [{"CPU": 1.0}] + [{"GPU": 1}] * 4
     assert tp4["placement_group_strategy"] == "STRICT_PACK"

@@ -91,8 +91,8 @@ def replica_context(monkeypatch):
     monkeypatch.setattr(batching.serve, "get_replica_context", lambda: ctx)
 
 
-SPEC = {"name": "fake", "model": "builtin:demo-llama",
-        "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 5.0}}
+SPEC = {"name": "fake", "engine": {"model": "builtin:demo-llama", "scheduler": {"max_batch_size": 16}},
+        "deployment": {"batch_wait_timeout_s": 5.0}}
 
 
 def server(batches_itself: bool) -> ExpertServer:
@@ -106,7 +106,7 @@ def server(batches_itself: bool) -> ExpertServer:
             async for step in self._batch_steps(admissions):
                 yield step
 
-    return Fresh(SPEC, engine_factory=lambda spec, share: FakeEngine(batches_itself))
+    return Fresh(SPEC, engine_factory=lambda spec, share, name: FakeEngine(batches_itself))
 
 
 def req(text: str, max_tokens: int | None = None, rid: str = "") -> GenerationRequest:

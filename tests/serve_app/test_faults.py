@@ -29,9 +29,11 @@ def guarded(serve_http, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text(f"other-key\n{KEY}\n")
     args = copy.deepcopy(TEST_APP_ARGS)
-    args["experts"] = [dict(args["experts"][0], max_ongoing_requests=1, max_queued_requests=1,
-                            autoscaling={"enabled": False},
-                            batching={"max_batch_size": 1, "batch_wait_timeout_s": 0})]
+    expert = copy.deepcopy(args["experts"][0])
+    expert["engine"]["scheduler"] = {"max_batch_size": 1}
+    expert["deployment"].update(max_ongoing_requests=1, max_queued_requests=1,
+                                autoscaling={"enabled": False}, batch_wait_timeout_s=0)
+    args["experts"] = [expert]
     args["router"] = {"num_cpus": 0.1, "api_keys_file": str(keys), "request_timeout_s": 60}
     started = time.monotonic()
     serve.run(build_app(args), name="guarded", route_prefix="/guarded")

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 @pytest.mark.timeout(300)  # a server that never gets ready would hang here
 def test_serve_command_starts_answers_and_stops(tmp_path):
     args = copy.deepcopy(TEST_APP_ARGS)
-    args["experts"] = [dict(args["experts"][0], autoscaling={"enabled": False})]
+    expert = copy.deepcopy(args["experts"][0])
+    expert["deployment"]["autoscaling"] = {"enabled": False}
+    args["experts"] = [expert]
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"applications": [{
         "name": "frugalserve", "route_prefix": "/", "args": args,

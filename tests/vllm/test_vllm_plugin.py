@@ -242,7 +242,7 @@ def test_profiling_run_without_metadata_zeroes_output(vllm_config):
 def test_engine_options_are_engine_args_fields():
     import dataclasses
 
-    from frugalserve.experts.vllm_engine import VLLMOptions
+    from frugalserve.experts.spec import VLLMOptions
     from vllm import AsyncEngineArgs
 
     fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
@@ -252,17 +252,16 @@ def test_engine_options_are_engine_args_fields():
 def test_engine_args_build_vllm_objects():
     from frugalserve.experts import vllm_engine as ve
     from frugalserve.experts.engine import SamplingParams
-    from frugalserve.experts.spec import ExpertSpec
+    from frugalserve.experts.spec import EngineSpec
     from vllm import AsyncEngineArgs
     from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    spec = ExpertSpec(name="big", model="/models/big", engine="vllm", max_context=2048,
-                      dtype="bfloat16")
+    spec = EngineSpec(model="/models/big", backend="vllm", max_context=2048, dtype="bfloat16")
     spec = spec.model_copy(update={"vllm": {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8,
                                             "quantization": "awq", "enable_lora": True,
                                             "attention_backend": "CUSTOM"}})
-    args = AsyncEngineArgs(**ve.engine_args_from_spec(spec))
+    args = AsyncEngineArgs(**ve.engine_args_from_spec(spec, "big"))
     assert (args.model, args.served_model_name, args.dtype, args.max_model_len) == (
         "/models/big", "big", "bfloat16", 2048)
     assert (args.tensor_parallel_size, args.gpu_memory_utilization, args.quantization) == (2, 0.8, "awq")

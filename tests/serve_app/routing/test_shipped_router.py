@@ -38,7 +38,7 @@ def shipped(serve_http):
     args["gpus"] = "never"
     args["router"] = {"num_cpus": 0.1}
     for e in args["experts"]:
-        e["autoscaling"] = {"enabled": False}
+        e["deployment"]["autoscaling"] = {"enabled": False}
     started = time.monotonic()
     serve.run(build_app(args), name="shipped", route_prefix="/shipped")
     _wait_ready(f"{serve_http}/shipped", started, timeout_s=300)
