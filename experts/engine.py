@@ -16,6 +16,7 @@ reported by `/v1/models`), cancellation, statistics and the memory profile the a
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -39,21 +40,70 @@ class NoChatTemplateError(EngineError):
     """Chat messages sent to a model without a chat template."""
 
 
+class UnsupportedFeatureError(EngineError):
+    """A request field this engine knows but cannot honour (tools without a template that renders
+    them, structured output without its library, ...); `param` names the field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message, param)  # both in args: the error crosses Ray by pickling
+
+    @property
+    def param(self) -> str:
+        return str(self.args[1])
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 # -- requests and answers ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
+class Guide:
+    """Structured output: the answer must be JSON (`json_object`) or JSON valid under a schema
+    (`json_schema`; `schema` is the schema as JSON text, `name` and `strict` as the client sent)."""
+
+    kind: str  # "json_object" | "json_schema"
+    schema: str | None = None
+    name: str = "answer"
+    strict: bool | None = None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    """What one request asks of the generator."""
+    """What one request asks of the generator (vLLM's SamplingParams, the fields we honour)."""
 
     max_tokens: int | None = None  # None: the engine's default, capped by the context left
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
+    top_k: int = 0  # keep the k most likely tokens; 0 (or -1): all
+    min_p: float = 0.0  # drop tokens under min_p x the most likely token's probability
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and the answer so far
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # generate through end-of-sequence tokens up to max_tokens
     min_tokens: int = 0  # end-of-sequence and stop tokens are not sampled before this many
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end the answer (kept in it)
+    n: int = 1  # choices: n sequences of the same prompt, batched together
+    logprobs: bool = False  # the client wants logprobs in the answer (engines always compute them)
+    top_logprobs: int = 0  # alternatives (token, logprob) reported per generated token, <= 20
+    guide: Guide | None = None  # structured output
+
+    @property
+    def processed(self) -> bool:
+        """Whether choosing a token needs more than argmax over the raw logits."""
+        return (self.temperature > 0 or self.repetition_penalty != 1.0 or bool(self.logit_bias)
+                or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.top_logprobs > 0 or self.guide is not None)
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """Choice `index` of an n > 1 request: its own seed (vLLM's rule: seed + index)."""
+        if index == 0 or self.seed is None:
+            return self
+        return dataclasses.replace(self, seed=self.seed + index)
 
 
 @dataclass(frozen=True)
@@ -65,6 +115,8 @@ class GenerationRequest:
     prompt: str | None = None
     request_id: str = ""
     adapter: str | None = None  # a LoRA adapter of the engine's base model; None: the base
+    tools: tuple[dict, ...] | None = None  # OpenAI tool definitions, rendered by the chat template
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", ...}
 
 
 @dataclass(frozen=True)
@@ -85,8 +137,22 @@ class Completion:
     token_logprobs: tuple[float, ...]  # log p(token) under the model, one per generated token
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    finish_reason: str  # "stop" | "length" | "cancelled" | "tool_calls"
     token_texts: tuple[str, ...] = ()  # each generated token as text, for OpenAI-style logprobs
+    # per generated token, the `top_logprobs` most likely alternatives as (text, logprob)
+    top_logprobs: tuple[tuple[tuple[str, float], ...], ...] = ()
+    tool_calls: tuple[dict, ...] = ()  # OpenAI tool calls (remote and vLLM experts)
+    index: int = 0  # the choice this is, for n > 1
+    others: tuple[Completion, ...] = ()  # n > 1: choices 1 .. n - 1 (this one is choice 0)
+
+    @property
+    def choices(self) -> tuple[Completion, ...]:
+        return (self, *self.others)
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens generated over every choice (what usage counts)."""
+        return sum(c.completion_tokens for c in self.choices)
 
 
 @dataclass(frozen=True)
@@ -97,7 +163,8 @@ class StreamDelta:
     token_ids: tuple[int, ...] = ()
     token_logprobs: tuple[float, ...] = ()
     finish_reason: str | None = None
-    completion: Completion | None = None
+    completion: Completion | None = None  # the last delta of a request: every choice, finished
+    index: int = 0  # the choice this piece belongs to (n > 1)
 
 
 @dataclass(frozen=True)
@@ -121,13 +188,32 @@ class EngineInfo:
 # -- shared admission helpers ------------------------------------------------------------------
 
 
+def renders_tools(tokenizer) -> bool:
+    """Whether the model's chat template does anything with `tools` (else they would vanish)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and "tools" in template
+
+
 def encode_request(tokenizer, request: GenerationRequest, name: str = "model") -> list[int]:
-    """Prompt token ids: the chat template for messages, BOS + text for a raw prompt."""
+    """Prompt token ids: the chat template for messages (with the request's tools, where the
+    template renders them), BOS + text for a raw prompt."""
     if request.messages is not None:
         if tokenizer.chat_template is None:
             raise NoChatTemplateError(f"model {name!r} has no chat template; use /v1/completions")
+        extra: dict[str, Any] = {}
+        if request.tools and request.tool_choice != "none":
+            if not renders_tools(tokenizer):
+                raise UnsupportedFeatureError(
+                    f"expert {name!r} cannot take `tools`: its chat template does not render them",
+                    "tools")
+            extra["tools"] = list(request.tools)
+            if request.tool_choice not in (None, "auto"):
+                raise UnsupportedFeatureError(
+                    f"expert {name!r} cannot force a tool call (tool_choice "
+                    f"{request.tool_choice!r}): it renders tools but does not constrain its "
+                    "output to a call", "tool_choice")
         text = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True,
-                                             tokenize=False)
+                                             tokenize=False, **extra)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"]
     return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids

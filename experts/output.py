@@ -10,15 +10,20 @@ tokens up to the one that completed it, as if generation had stopped there.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from frugalserve.experts.engine import Admission, Completion, StreamDelta
 
+TopLogprobs = tuple[tuple[int, float], ...]  # one generated token's alternatives: (id, logprob)
+
 
 class OutputState:
-    def __init__(self, tokenizer, admission: Admission):
+    def __init__(self, tokenizer, admission: Admission, index: int = 0):
         self.tokenizer = tokenizer
         self.admission = admission
+        self.index = index  # the choice (n > 1)
+        self.top: list[TopLogprobs] = []
         self.stops = admission.request.params.stop
         self.hold = max((len(s) - 1 for s in self.stops), default=0)
         self.ids: list[int] = []
@@ -35,13 +40,15 @@ class OutputState:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def add(self, ids: Sequence[int], logprobs: Sequence[float], finish_reason: str | None = None,
-            ) -> StreamDelta | None:
-        """Append generated tokens (with the engine's finish reason once it ends) and return the
-        delta to stream, or None if nothing is new. After the final delta, returns None."""
+            top: Sequence[TopLogprobs] = ()) -> StreamDelta | None:
+        """Append generated tokens (with the engine's finish reason once it ends, and each
+        token's top logprobs if asked) and return the delta to stream, or None if nothing is
+        new. After the final delta, returns None."""
         if self.finished:
             return None
         self.ids.extend(ids)
         self.logprobs.extend(logprobs)
+        self.top.extend(top)
         if ids or finish_reason:
             self.text = self._decode(self.ids)
         if self.stops and ids:
@@ -65,6 +72,7 @@ class OutputState:
             if at != -1:
                 del self.ids[i + 1:]
                 del self.logprobs[i + 1:]
+                del self.top[i + 1:]
                 self.text = prefix[:at]
                 return i
         return None  # unreachable: the whole text held a stop
@@ -77,13 +85,19 @@ class OutputState:
                 end -= 1
             piece = text[self.emitted:max(end, self.emitted)]
             self.emitted += len(piece)
-            return StreamDelta(text=piece) if (piece or any_new) else None
+            return StreamDelta(text=piece, index=self.index) if (piece or any_new) else None
         piece = text[self.emitted:]
         self.emitted = len(text)
-        return StreamDelta(text=piece, finish_reason=self.finish_reason, completion=self.completion())
+        return StreamDelta(text=piece, finish_reason=self.finish_reason, completion=self.completion(),
+                           index=self.index)
 
     def completion(self) -> Completion:
         texts = self.tokenizer.batch_decode([[t] for t in self.ids]) if self.ids else []
+        top: tuple[tuple[tuple[str, float], ...], ...] = ()
+        if self.top:
+            alt = sorted({t for row in self.top for t, _ in row})
+            names = dict(zip(alt, self.tokenizer.batch_decode([[t] for t in alt])))
+            top = tuple(tuple((names[t], lp) for t, lp in row) for row in self.top[:len(self.ids)])
         return Completion(
             text=self.text,
             token_ids=tuple(self.ids),
@@ -92,7 +106,34 @@ class OutputState:
             completion_tokens=len(self.ids),
             finish_reason=self.finish_reason or "length",
             token_texts=tuple(texts),
+            top_logprobs=top,
+            index=self.index,
         )
+
+
+class Choices:
+    """The `n` choices of one request, one `OutputState` each. Deltas carry their choice's
+    `index`; the last choice to finish gives the request's final delta, whose `completion` holds
+    every choice (choice 0, the others in `others`). With n = 1 it is one `OutputState`."""
+
+    def __init__(self, tokenizer, admission: Admission):
+        n = admission.request.params.n
+        self.outs = [OutputState(tokenizer, admission, i) for i in range(n)]
+        self.reported = False  # the final delta went out (static engines' bookkeeping)
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outs)
+
+    def add(self, index: int, ids: Sequence[int], logprobs: Sequence[float],
+            finish_reason: str | None = None, top: Sequence[TopLogprobs] = ()) -> StreamDelta | None:
+        delta = self.outs[index].add(ids, logprobs, finish_reason, top)
+        if delta is None or delta.completion is None or len(self.outs) == 1:
+            return delta
+        if not self.finished:  # this choice is done; the request goes on
+            return StreamDelta(text=delta.text, index=index)
+        first, *rest = (o.completion() for o in self.outs)
+        return dataclasses.replace(delta, completion=dataclasses.replace(first, others=tuple(rest)))
 
 
 def eos_token_ids(model, tokenizer) -> frozenset[int]:

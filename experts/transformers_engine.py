@@ -17,17 +17,17 @@ import asyncio
 import inspect
 import logging
 import math
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from frugalserve.experts.engine import Admission, Engine, EngineInfo, StreamDelta
+from frugalserve.experts.engine import Admission, Engine, EngineInfo, SamplingParams, StreamDelta
 from frugalserve.experts.memory import TokenLedger, profile_model
-from frugalserve.experts.output import OutputState, eos_token_ids, token_finish
-from frugalserve.experts.sampling import choose_tokens
+from frugalserve.experts.output import Choices, eos_token_ids, token_finish
+from frugalserve.experts.sampling import RowState, check_params, choose_tokens, row_state
 from frugalserve.experts.spec import DEFAULT_MAX_TOKENS, DEFAULT_MEMORY_FRACTION
+from frugalserve.experts.structured import Grammars
 
 logger = logging.getLogger(__name__)
 
@@ -102,24 +102,22 @@ def model_context_limit(config) -> int:
     return 2048
 
 
-def seeded_generator(params, device: torch.device) -> torch.Generator | None:
-    """A request's own random stream: seeded, so its samples do not depend on its batch."""
-    if params.temperature <= 0:
-        return None
-    gen = torch.Generator(device=device)
-    gen.manual_seed(params.seed if params.seed is not None else int(time.time_ns() % (2**63)))
-    return gen
-
-
 @dataclass
 class _Row:
-    """Decoding state of one request in a static batch."""
+    """Decoding state of one choice of one request in a static batch (n rows per request)."""
 
     admission: Admission
-    out: OutputState
-    generator: torch.Generator | None
+    choices: Choices  # shared by the request's rows
+    index: int  # which choice this row is
+    params: SamplingParams
+    state: RowState | None
+    ids: list[int]  # prompt + generated (the sampler's penalties read it)
     last: int = 0  # the last token generated
     done: bool = False  # finished and reported
+
+    @property
+    def generated(self) -> int:
+        return len(self.ids) - len(self.admission.prompt_ids)
 
 
 class TransformersEngine(Engine):
@@ -142,6 +140,8 @@ class TransformersEngine(Engine):
         self.quantization = quantization
         self.adapters = tuple(sorted(adapters))
         self.num_parameters = model_parameters(model)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_ids)
         self.static_reason = static_reason  # why this model is not on the paged engine
         self.batch_sizes: list[int] = []  # one entry per engine call: how many requests it held
         self.cancelled: set[str] = set()  # request ids whose callers went away
@@ -196,6 +196,7 @@ class TransformersEngine(Engine):
 
     def admit(self, request) -> Admission:
         admission = super().admit(request)
+        check_params(request.params, self.vocab_size, self.grammars, self.name)
         if self.ledger is not None:  # queued until its batch starts
             self.ledger.add(id(admission), len(admission.prompt_ids))
         return admission
@@ -224,9 +225,20 @@ class TransformersEngine(Engine):
 
         return float(weight_bytes(self.model))
 
+    def _rows(self, admissions: Sequence[Admission]) -> list[_Row]:
+        """n rows per request (one per choice), the choices of a request side by side."""
+        rows = []
+        for a in admissions:
+            choices = Choices(self.tokenizer, a)
+            for k in range(a.request.params.n):
+                params = a.request.params.for_choice(k)
+                ids = list(a.prompt_ids)
+                state = row_state(params, ids, len(ids), self.grammars, self.device)
+                rows.append(_Row(a, choices, k, params, state, ids))
+        return rows
+
     async def stream_batch(self, admissions: Sequence[Admission]) -> AsyncIterator[list[StreamDelta | None]]:
-        rows = [_Row(a, OutputState(self.tokenizer, a), seeded_generator(a.request.params, self.device))
-                for a in admissions]
+        rows = self._rows(admissions)
         keys, ledger = [id(a) for a in admissions], self.ledger
         async with self._lock:  # one batch on the model at a time
             self.batch_sizes.append(len(rows))
@@ -236,11 +248,12 @@ class TransformersEngine(Engine):
                 state = await asyncio.to_thread(self._prefill, rows)
                 while True:
                     deltas = await asyncio.to_thread(self._sample, rows, state[-1])
-                    if ledger is not None:
-                        for key, d in zip(keys, deltas):
-                            if d is not None:
-                                ledger.advance(key)
-                    yield deltas
+                    for step in self._per_request(admissions, rows, deltas):
+                        if ledger is not None:
+                            for key, d in zip(keys, step):
+                                if d is not None:
+                                    ledger.advance(key)
+                        yield step
                     self._drop_cancelled(rows)
                     if all(row.done for row in rows):
                         return
@@ -249,6 +262,28 @@ class TransformersEngine(Engine):
                 if ledger is not None:  # the batch's cache is freed now, finished rows included
                     for key in keys:
                         ledger.release(key)
+
+    @staticmethod
+    def _per_request(admissions: Sequence[Admission], rows: list[_Row],
+                     deltas: list[StreamDelta | None]) -> list[list[StreamDelta | None]]:
+        """The contract's lists (one slot per request) from one step's row deltas: with n > 1
+        choices, one list per choice index; a finished request's slot is None."""
+        width = max(a.request.params.n for a in admissions)
+        out: list[list[StreamDelta | None]] = [[None] * len(admissions) for _ in range(width)]
+        slot = {id(a): i for i, a in enumerate(admissions)}
+        choices: dict[int, Choices] = {}
+        for row, delta in zip(rows, deltas):
+            i = slot[id(row.admission)]
+            choices[i] = row.choices
+            out[row.index][i] = delta
+        for i, c in choices.items():
+            final = next((k for k in range(width) if (d := out[k][i]) is not None
+                          and d.completion is not None), None)
+            for k in range(width):
+                if out[k][i] is None and not c.reported and (final is None or k < final):
+                    out[k][i] = StreamDelta(text="")
+            c.reported = c.reported or final is not None
+        return out
 
     def _drop_cancelled(self, rows: list[_Row]) -> None:
         for row in rows:
@@ -298,28 +333,30 @@ class TransformersEngine(Engine):
         """Choose each live row's next token and turn it into that row's delta."""
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
-        params = [r.admission.request.params for r in rows]
-        suppress = [self._suppressed(r) for r in rows]
-        chosen = choose_tokens(logits, params, [r.generator for r in rows], suppress)
-        chosen_lp = logprobs.gather(-1, chosen[:, None])[:, 0].tolist()
-        deltas: list[StreamDelta | None] = []
-        for row, tok, lp in zip(rows, chosen.tolist(), chosen_lp):
-            if row.done:
-                deltas.append(None)
-                continue
+        live = [r for r in rows if not r.done]  # finished rows are not sampled (nor their grammar)
+        at = [i for i, r in enumerate(rows) if not r.done]
+        deltas: list[StreamDelta | None] = [None] * len(rows)
+        if not live:
+            return deltas
+        logits = logits[at]
+        chosen = choose_tokens(logits, [r.params for r in live], [r.state for r in live],
+                               [self._suppressed(r) for r in live])
+        chosen_lp = logprobs[at].gather(-1, chosen[:, None])[:, 0].tolist()
+        for i, row, tok, lp in zip(at, live, chosen.tolist(), chosen_lp):
             row.last = tok
-            n = len(row.out.ids) + 1
-            finish = token_finish(tok, n, row.admission.max_tokens, self.eos_ids,
-                                  row.admission.request.params)
-            delta = row.out.add([tok], [lp], finish)
-            if row.out.finished:
+            row.ids.append(tok)
+            finish = token_finish(tok, row.generated, row.admission.max_tokens, self.eos_ids,
+                                  row.params)
+            top = row.state.top[-1:] if row.state is not None and row.state.top else ()
+            delta = row.choices.add(row.index, [tok], [lp], finish, top)
+            if row.choices.outs[row.index].finished:
                 row.done = True
-            deltas.append(delta if delta is not None else StreamDelta(text=""))
+            deltas[i] = delta if delta is not None else StreamDelta(text="", index=row.index)
         return deltas
 
     def _suppressed(self, row: _Row) -> tuple[int, ...]:
-        p = row.admission.request.params
-        if row.done or len(row.out.ids) >= p.min_tokens:
+        p = row.params
+        if row.done or row.generated >= p.min_tokens:
             return ()
         return tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_ids))
 

@@ -15,6 +15,7 @@ run without it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -29,6 +30,7 @@ from frugalserve.experts.engine import (
     SamplingParams,
     StreamDelta,
     UnknownAdapterError,
+    UnsupportedFeatureError,
 )
 from frugalserve.experts.spec import (
     DEFAULT_MAX_TOKENS,
@@ -95,17 +97,35 @@ def deployment_resources(spec: EngineSpec, cpus: float, name: str = "") -> dict[
 
 
 def sampling_kwargs(params: SamplingParams, max_tokens: int) -> dict[str, Any]:
-    """Keyword arguments for `vllm.SamplingParams` (output_kind DELTA is added by the engine)."""
-    return {
+    """Keyword arguments for `vllm.SamplingParams` (output_kind DELTA is added by the engine;
+    `structured_outputs` is a dict the engine turns into vLLM's `StructuredOutputsParams`)."""
+    if params.n > 1:
+        raise UnsupportedFeatureError("n > 1 is not wired to the vLLM engine yet (its outputs "
+                                      "are merged per request, one choice each)", "n")
+    kwargs: dict[str, Any] = {
         "n": 1,
         "temperature": params.temperature,  # 0: greedy in vLLM too
         "top_p": params.top_p,
         "stop": list(params.stop) or None,
         "seed": params.seed,
         "max_tokens": max_tokens,
-        "logprobs": 0,  # the sampled token's logprob only
+        "logprobs": params.top_logprobs,  # 0: the sampled token's logprob only
         "skip_special_tokens": True,
     }
+    defaults = SamplingParams()
+    for name in ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                 "min_tokens", "ignore_eos"):
+        if getattr(params, name) != getattr(defaults, name):
+            kwargs[name] = getattr(params, name)
+    if params.stop_token_ids:
+        kwargs["stop_token_ids"] = list(params.stop_token_ids)
+    if params.logit_bias:
+        kwargs["logit_bias"] = dict(params.logit_bias)
+    if params.guide is not None:  # vLLM's own guided decoding
+        kwargs["structured_outputs"] = (
+            {"json": json.loads(params.guide.schema)} if params.guide.kind == "json_schema"
+            and params.guide.schema is not None else {"json_object": True})
+    return kwargs
 
 
 # -- merging vLLM's per-request outputs into the Engine's step lists ----------------------------
@@ -239,6 +259,17 @@ def _stat_logger_factory(snapshot: _SchedulerSnapshot):
     return _Snapshot
 
 
+def ray_stat_loggers() -> list:
+    """vLLM's Ray stat logger, so its metrics export through Ray as `ray_vllm_*` (as under Ray
+    Serve LLM); none where this vLLM has no such logger."""
+    try:
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+    except ImportError as exc:  # a vLLM without the Ray wrappers: its own series stay in-process
+        logger.warning("vLLM's Ray stat logger is unavailable (%s): no ray_vllm_* series", exc)
+        return []
+    return [RayPrometheusStatLogger]
+
+
 # -- the engine --------------------------------------------------------------------------------
 
 
@@ -277,7 +308,8 @@ class VLLMEngine(Engine):
             backend = "frugalserve-triton (vLLM CUSTOM)"
         snapshot = _SchedulerSnapshot()
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs),
-                                        stat_loggers=[_stat_logger_factory(snapshot)])
+                                        stat_loggers=[_stat_logger_factory(snapshot),
+                                                      *ray_stat_loggers()])
         tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
         engine = cls(llm, tokenizer, max_context=llm.model_config.max_model_len, name=name,
                      default_max_tokens=spec.max_tokens_default, attention_backend=backend,
@@ -329,7 +361,12 @@ class VLLMEngine(Engine):
         queue: asyncio.Queue = asyncio.Queue()
         tasks = []
         for i, (r, p, budget, lora) in enumerate(zip(requests, prompts, budgets, loras)):
-            params = VSamplingParams(**sampling_kwargs(r.params, budget), output_kind=RequestOutputKind.DELTA)
+            kwargs = sampling_kwargs(r.params, budget)
+            if "structured_outputs" in kwargs:
+                from vllm.sampling_params import StructuredOutputsParams
+
+                kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
+            params = VSamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
             vllm_id = f"{r.request_id or 'req'}-{uuid.uuid4().hex[:12]}"  # unique across batches
             task = asyncio.create_task(
                 self._pump(i, TokensPrompt(prompt_token_ids=p), params, vllm_id, queue, lora))

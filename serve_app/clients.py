@@ -20,6 +20,7 @@ from frugalserve.experts.engine import (
     GenerationRequest,
     PromptTooLongError,
     StreamDelta,
+    UnsupportedFeatureError,
 )
 from frugalserve.serve_app.errors import APIError
 from frugalserve.serve_app.protocol import UnsupportedParameter
@@ -40,9 +41,12 @@ def expert_error(exc: BaseException, expert: str, param: str = "messages") -> AP
         return inner
     if isinstance(inner, BackPressureError):
         return APIError(503, f"expert {expert!r} is overloaded (its queue is full); retry later",
-                        type="server_error", code="overloaded")
+                        type="server_error", code="overloaded", retry_after=1)
     if isinstance(inner, PromptTooLongError):
         return APIError(400, str(inner), param=param, code="context_length_exceeded")
+    if isinstance(inner, UnsupportedFeatureError):
+        message = str(inner) if expert in str(inner) else f"expert {expert!r}: {inner}"
+        return APIError(400, message, param=inner.param, code="unsupported_parameter")
     if isinstance(inner, (EngineError, ValueError, UnsupportedParameter)):  # a request it cannot serve
         return APIError(400, f"expert {expert!r} rejected the request: {inner}")
     if isinstance(inner, asyncio.TimeoutError):
@@ -64,7 +68,9 @@ class ExpertStream:
     @classmethod
     def whole(cls, expert: str, c: Completion) -> ExpertStream:
         """A finished completion as a stream of one delta (an expert that does not stream)."""
-        return cls(expert, StreamDelta(c.text, c.token_ids, c.token_logprobs, c.finish_reason, c),
+        last = c.choices[-1].index
+        return cls(expert, StreamDelta(c.choices[-1].text if last else c.text, c.token_ids,
+                                       c.token_logprobs, c.finish_reason, c, index=last),
                    _nothing(), lambda: None, float("inf"))
 
     async def __aiter__(self) -> AsyncIterator[StreamDelta]:

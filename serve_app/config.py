@@ -6,12 +6,14 @@ the CLI; it is validated here once, at load, with errors that name the bad field
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from frugalserve.cascade.artifact import ArtifactError, RouterArtifact
 from frugalserve.experts.spec import NAME_PATTERN, EngineSpec, resolve_model_path
+from frugalserve.serve_app import naming
 from frugalserve.serve_app.specs import DeploymentSpec, RemoteSpec
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
@@ -164,6 +166,9 @@ class AppConfig(BaseModel):
     )
     router: RouterConfig = Field(default_factory=RouterConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    aliases: dict[str, str] = Field(
+        default_factory=dict, description="model names clients may send for an expert, a policy "
+        "or a policy with options (`cascade:budget=0.02`), e.g. {gpt-4o-mini: cascade}")
     gpus: Literal["auto", "always", "never"] = Field(
         "auto",
         description="reserve `deployment.resources.num_gpus` per expert replica: auto = only where the "
@@ -189,7 +194,21 @@ class AppConfig(BaseModel):
                              f"expert: {names}")
         if self.routing.artifact is not None:
             self._check_artifact(names)
+        self._check_aliases(names, models)
         return self
+
+    def _check_aliases(self, names: list[str], models: list[str]) -> None:
+        for alias, target in self.aliases.items():
+            if alias in models or alias == "default" or not re.fullmatch(NAME_PATTERN, alias):
+                raise ValueError(f"alias {alias!r} must be a new name (letters, digits, '.', '_', "
+                                 "'-'), not an expert or a policy")
+            try:
+                base, options = naming.parse(target)
+            except naming.ModelNameError as exc:
+                raise ValueError(f"aliases.{alias}: {exc}") from None
+            if base not in models or (options and base in names):
+                raise ValueError(f"aliases.{alias}: {target!r} is not an expert or a configured "
+                                 f"policy (with options): {models}")
 
     def _check_artifact(self, names: list[str]) -> None:
         assert self.routing.artifact is not None

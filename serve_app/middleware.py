@@ -1,4 +1,4 @@
-"""The router's one ASGI middleware: API-key check and request counting.
+"""The router's one ASGI middleware: API-key check, the request id and request counting.
 
 Plain ASGI rather than Starlette's BaseHTTPMiddleware, which wraps every response body in an
 extra task and stream (a cost on every request and every streamed chunk).
@@ -7,6 +7,7 @@ extra task and stream (a cost on every request and every streamed chunk).
 from __future__ import annotations
 
 import time
+import uuid
 
 from frugalserve.serve_app.auth import authorized
 from frugalserve.serve_app.errors import error_body
@@ -29,6 +30,8 @@ class RouterMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not api_path(scope).startswith("/v1/"):
             return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id(scope)
         if self.api_keys is not None:
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not authorized(header, self.api_keys):
@@ -36,7 +39,6 @@ class RouterMiddleware:
                     "Incorrect or missing API key: send `Authorization: Bearer <key>`",
                     "invalid_request_error", None, "invalid_api_key"), 401)
                 return await response(scope, receive, send)
-        state = scope.setdefault("state", {})
         state["started"] = start = time.perf_counter()
         status = [500]
 
@@ -55,3 +57,10 @@ class RouterMiddleware:
                 if not state.get("streaming", False):  # streams time their own (StreamTimer)
                     m["e2e"].observe(time.perf_counter() - start,
                                      {"model": model, "policy": policy})
+
+
+def request_id(scope) -> str:
+    """The request's `X-Request-Id`: the client's, or the one Serve's proxy made for it (its
+    request-id middleware adds it to the request's headers and echoes it on the response)."""
+    given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1").strip()
+    return given if given else uuid.uuid4().hex

@@ -60,8 +60,8 @@ class RoutingRecord:
     def add(self, expert: str, c: Completion, prices: Prices, **extra: Any) -> ExpertRun:
         """Record `expert`'s run; it answers the request unless a later run (or the policy) says
         otherwise."""
-        run = ExpertRun(expert, c.prompt_tokens, c.completion_tokens,
-                        prices.cost(c.prompt_tokens, c.completion_tokens), extra)
+        run = ExpertRun(expert, c.prompt_tokens, c.generated_tokens,
+                        prices.cost(c.prompt_tokens, c.generated_tokens), extra)
         self.runs.append(run)
         self.answered_by = expert
         return run
@@ -73,7 +73,7 @@ class RoutingRecord:
     def usage(self, final: Completion) -> dict[str, int]:
         # Usage counts every token the request made the experts process, not only the answer's.
         prompt = sum(r.prompt_tokens for r in self.runs) or final.prompt_tokens
-        completion = sum(r.completion_tokens for r in self.runs) or final.completion_tokens
+        completion = sum(r.completion_tokens for r in self.runs) or final.generated_tokens
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,

@@ -1,8 +1,9 @@
 """The router ingress: speaks the OpenAI API and sends each request to the right expert(s).
 
-It holds one `ExpertClient` per model id (Serve handles for local experts, HTTP for remote ones)
-and never loads a model. The `model` field names an expert, `default`, or a routing policy (`moe`,
-`cascade`); `frugalserve.expert` / `frugalserve.policy` in the body override it.
+It holds one `ExpertClient` per model id (Serve handles for local experts, the openai client for
+remote ones) and never loads a model. The `model` field names an expert, `default`, an alias, or a
+routing policy (`moe`, `cascade`, with options: `cascade:budget=0.02`, see naming.py);
+`frugalserve.expert` / `frugalserve.policy` in the body override it.
 """
 
 from __future__ import annotations
@@ -11,19 +12,21 @@ import time
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from frugalserve.experts.engine import Completion, GenerationRequest, SamplingParams
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from frugalserve.experts.engine import Completion, GenerationRequest
+from frugalserve.serve_app import naming
 from frugalserve.serve_app.auth import load_keys
 from frugalserve.serve_app.clients import ExpertClient, HandleClient
 from frugalserve.serve_app.config import AppConfig
 from frugalserve.serve_app.errors import APIError, install_error_handlers
-from frugalserve.serve_app.metrics import StreamTimer, record_outcome
+from frugalserve.serve_app.metrics import StreamTimer, application_metrics, record_outcome
 from frugalserve.serve_app.middleware import RouterMiddleware
+from frugalserve.serve_app.models import model_entries
 from frugalserve.serve_app.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    RoutingOptions,
     UnsupportedParameter,
-    new_id,
     now,
 )
 from frugalserve.serve_app.record import Outcome, Prices, RoutingRecord
@@ -72,27 +75,41 @@ class Router:
         install_error_handlers(app)
         app.add_middleware(RouterMiddleware, api_keys=self.api_keys)
         app.add_api_route("/healthz", self.healthz, methods=["GET"])
+        app.add_api_route("/health", self.healthz, methods=["GET"])
+        app.add_api_route("/metrics", self.metrics, methods=["GET"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
+        app.add_api_route("/v1/models/{model_id:path}", self.model, methods=["GET"])
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         return app
 
     # -- routing --------------------------------------------------------------------------
 
-    def _route(self, body: Body) -> tuple[Kind, str]:
-        """("expert", name) or ("policy", name)."""
+    def _route(self, body: Body) -> tuple[Kind, str, RoutingOptions | None]:
+        """("expert", name, options) or ("policy", name, options): the body's `frugalserve`
+        options over those the model name (or its alias) carries."""
         options = body.frugalserve
         if options is not None and options.expert is not None:
-            return "expert", self._known_expert(options.expert, "frugalserve.expert")
-        name, param = body.model, "model"
+            return "expert", self._known_expert(options.expert, "frugalserve.expert"), options
+        name, param = self.config.aliases.get(body.model, body.model), "model"
         if options is not None and options.policy is not None:
             name, param = options.policy, "frugalserve.policy"
+        try:
+            name, named = naming.parse(name)
+        except naming.ModelNameError as exc:
+            raise APIError(400, str(exc), param=param, code="invalid_value") from None
+        if named:
+            given = options.model_dump(exclude_none=True) if options is not None else {}
+            options = RoutingOptions(**{**named, **given})
         if name == "default":
             name = self.config.default_model or self.names[0]
+        if named and name in self.names:
+            raise APIError(400, f"model {body.model!r}: routing options need a policy, not the "
+                           f"expert {name!r}", param=param, code="invalid_value")
         if name in self.names:
-            return "expert", name
+            return "expert", name, options
         if self.policies is not None and name in self.policies.names:
-            return "policy", name
+            return "policy", name, options
         if name in Policies.names or param == "frugalserve.policy":
             raise APIError(
                 400 if param == "frugalserve.policy" else 404,
@@ -100,19 +117,20 @@ class Router:
                 + ("policies " + str(list(self.policies.names)) if self.policies else
                    "no router artifact configured (routing.artifact)"),
                 param=param, code="unknown_policy" if param != "model" else "model_not_found")
-        return "expert", self._known_expert(name, param)
+        return "expert", self._known_expert(name, param), options
 
     def _known_expert(self, name: str, param: str) -> str:
         if name in self.names:
             return name
-        available = self.names + (list(self.policies.names) if self.policies else [])
+        available = self.names + (list(self.policies.names) if self.policies else []) + list(
+            self.config.aliases)
         raise APIError(404, f"The model {name!r} does not exist; available: {available}",
                        param=param, code="model_not_found")
 
     async def _outcome(self, kind: Kind, name: str, request: GenerationRequest, body: Body,
-                       header: str | None) -> Outcome:
+                       options: RoutingOptions | None, header: str | None) -> Outcome:
         if kind == "policy" and self.policies is not None:
-            return await self.policies.run(name, request, body.frugalserve, header, body.stream)
+            return await self.policies.run(name, request, options, header, body.stream)
         rec = RoutingRecord(policy="direct")
         if body.stream:
             return Outcome(rec, stream_from=name)
@@ -127,7 +145,7 @@ class Router:
         its tokens and cost."""
         if kind == "policy" and self.policies is not None and rec.answered_by:
             self.policies.remember(request, header, rec.answered_by, c.text)
-        record_outcome(rec.as_dict())
+        record_outcome(rec.as_dict(), tuple(x.finish_reason for x in c.choices))
 
     # -- endpoints --------------------------------------------------------------------------
 
@@ -136,56 +154,41 @@ class Router:
                 "policies": list(self.policies.names) if self.policies else []}
 
     async def models(self) -> dict:
-        data = []
-        for name in self.names:
-            info = await self.clients[name].info()
-            data.append({
-                "id": name, "object": "model", "created": 0, "owned_by": "frugalserve",
-                "max_model_len": info["max_context"],
-                "frugalserve": {
-                    "kind": "expert", "num_parameters": info["num_parameters"],
-                    "cost_per_1k_prompt": info["cost_per_1k_prompt"],
-                    "cost_per_1k_completion": info["cost_per_1k_completion"],
-                    "engine": info["engine"], "batching": info["batching"],
-                    "attention": info["attention"],
-                    **({"adapter_of": info["adapter_of"]} if "adapter_of" in info else {}),
-                },
-            })
-        if self.policies is not None:
-            art = self.policies.art
-            for name in self.policies.names:
-                detail = ({"tiers": list(art.cascade.order), "expected_cost": art.cascade.cost,
-                           "calibrated_accuracy": art.cascade.accuracy}
-                          if name == "cascade" else {"experts": art.gate.experts})
-                data.append({"id": name, "object": "model", "created": 0,
-                             "owned_by": "frugalserve",
-                             "frugalserve": {"kind": "policy", **detail}})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": await model_entries(self)}
+
+    async def model(self, model_id: str) -> dict:
+        for entry in await model_entries(self):
+            if entry["id"] == model_id:
+                return entry
+        self._known_expert(model_id, "model")  # raises the 404 that lists what exists
+        raise AssertionError("unreachable")
+
+    async def metrics(self) -> PlainTextResponse:
+        """The application's Prometheus series from every node's Ray metrics agent, vLLM's names
+        as vLLM's own server writes them (so `curl HOST:8000/metrics` reads as with vLLM)."""
+        return PlainTextResponse(await application_metrics(),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def chat_completions(self, body: ChatCompletionRequest, raw: Request):
-        kind, name = self._route(body)
+        route = self._route(body)
         try:
             messages = body.plain_messages()
         except UnsupportedParameter as exc:
-            raise APIError(400, str(exc), param=exc.param) from None
-        request = GenerationRequest(messages=messages, params=self._params(body),
-                                    request_id=new_id("chatcmpl"))
-        return await self._respond(kind, name, request, body, raw, chat=True)
+            raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
+        request = GenerationRequest(
+            messages=messages, params=body.sampling(), tools=tuple(body.tools or ()) or None,
+            tool_choice=body.tool_choice, request_id=f"chatcmpl-{raw.state.request_id}")
+        return await self._respond(route, request, body, raw, chat=True)
 
     async def completions(self, body: CompletionRequest, raw: Request):
-        kind, name = self._route(body)
-        request = GenerationRequest(prompt=body.prompt_text(), params=self._params(body),
-                                    request_id=new_id("cmpl"))
-        return await self._respond(kind, name, request, body, raw, chat=False)
+        route = self._route(body)
+        request = GenerationRequest(prompt=body.prompt_text(), params=body.sampling(),
+                                    request_id=f"cmpl-{raw.state.request_id}")
+        return await self._respond(route, request, body, raw, chat=False)
 
-    @staticmethod
-    def _params(body: Body) -> SamplingParams:
-        return SamplingParams(max_tokens=body.wanted_tokens(), temperature=body.temperature,
-                              top_p=body.top_p, stop=body.stops(), seed=body.seed,
-                              ignore_eos=body.ignore_eos, min_tokens=body.min_tokens)
-
-    async def _respond(self, kind: Kind, name: str, request: GenerationRequest, body: Body,
-                       raw: Request, chat: bool):
+    async def _respond(self, route: tuple[Kind, str, RoutingOptions | None],
+                       request: GenerationRequest, body: Body, raw: Request, chat: bool):
+        kind, name, options = route
         header = raw.headers.get(SESSION_HEADER)
         policy = name if kind == "policy" else "direct"
         raw.state.model, raw.state.policy, raw.state.streaming = name, policy, bool(body.stream)
@@ -193,20 +196,34 @@ class Router:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         b = ResponseBuilder(request.request_id, now(), chat=chat, logprobs=bool(body.logprobs),
                             include_usage=usage)
-        outcome = await self._outcome(kind, name, request, body, header)
+        outcome = await self._outcome(kind, name, request, body, options, header)
 
         def finish(rec: RoutingRecord, c: Completion) -> None:
             self._finish(kind, request, header, rec, c)
 
         if outcome.stream_from is not None:
+            timer.expert = outcome.stream_from
             client = self.clients[outcome.stream_from]
             prices = Prices.of(await client.info())
             stream = await client.stream(request)  # the first delta is here: errors are still 4xx/5xx
-            events = live_events(b, stream, outcome.record, prices, timer, finish)
-            return StreamingResponse(events, media_type="text/event-stream")
+            events = live_events(b, stream, outcome.record, prices, timer, finish, body.n)
+            # who answers is known; the cost is not until the stream ends (its last chunk has it)
+            headers = routing_headers(outcome.record, stream.expert, cost=False)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         assert outcome.completion is not None
+        timer.expert = outcome.record.answered_by
         finish(outcome.record, outcome.completion)
+        headers = routing_headers(outcome.record, outcome.record.answered_by)
         if body.stream:  # held until accepted (cascade, top-k): sent as one piece
             events = held_events(b, outcome.completion, outcome.record, timer)
-            return StreamingResponse(events, media_type="text/event-stream")
-        return JSONResponse(b.body(outcome.completion, outcome.record))
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        return JSONResponse(b.body(outcome.completion, outcome.record), headers=headers)
+
+
+def routing_headers(rec: RoutingRecord, expert: str, cost: bool = True) -> dict[str, str]:
+    """The routing result for proxies that drop unknown body fields."""
+    headers = {"x-frugalserve-expert": expert,
+               "x-frugalserve-escalations": str(len(rec.runs) if not cost else max(0, len(rec.runs) - 1))}
+    if cost:
+        headers["x-frugalserve-cost"] = f"{rec.cost:.9g}"
+    return headers

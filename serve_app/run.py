@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             f"\nfrugalserve is ready at {url}/v1  (OpenAI API; Ctrl-C stops it)\n{fast}\n"
             f"  curl {direct or url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
             f"    -d '{{\"model\": \"{model}\", \"messages\": "
-            f"[{{\"role\": \"user\", \"content\": \"What is 12+30?\"}}], \"max_tokens\": 16}}'\n",
+            f"[{{\"role\": \"user\", \"content\": \"What is 12+30?\"}}], \"max_tokens\": 16}}'\n\n"
+            f"  metrics (Prometheus text, vLLM's names beside frugalserve's): {url}/metrics\n",
             flush=True,
         )
     stop = []

@@ -5,6 +5,8 @@ The engine's half is `frugalserve.experts.spec.EngineSpec`."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -91,3 +93,20 @@ class RemoteSpec(BaseModel):
     model: str | None = Field(None, description="the `model` sent upstream; default: the expert's name")
     connect_timeout_s: float = Field(5.0, gt=0, description="connect timeout")
     max_context: int = Field(4096, ge=8, description="prompt + completion tokens the endpoint takes")
+    max_retries: int = Field(
+        2, ge=0, le=10, description="retries of a failed call (connection errors, 408, 409, 429, "
+        "5xx) with exponential backoff that honours the endpoint's Retry-After"
+    )
+    logprobs: bool = Field(
+        True, description="the endpoint returns logprobs (asked for, so the cascade can score the "
+        "answer); false: never asked, and a request for them gets a 400"
+    )
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = Field(
+        "max_tokens", description="the field the endpoint takes the token limit in (OpenAI's "
+        "reasoning models take only max_completion_tokens)"
+    )
+    vllm_sampling: bool = Field(
+        False, description="the endpoint takes vLLM's extra sampling fields (top_k, min_p, "
+        "repetition_penalty, min_tokens, ignore_eos, stop_token_ids); false: a request that sets "
+        "them gets a 400"
+    )

@@ -27,20 +27,36 @@ def sse(data: dict | str) -> str:
     return f"data: {payload}\n\n"
 
 
+def _alternatives(c: Completion, i: int) -> tuple[tuple[str, float], ...]:
+    return c.top_logprobs[i] if i < len(c.top_logprobs) else ()
+
+
 def chat_logprobs(c: Completion) -> dict[str, Any]:
-    texts = c.token_texts or tuple("" for _ in c.token_ids)
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
-                         "top_logprobs": []} for t, lp in zip(texts, c.token_logprobs)]}
+    texts = c.token_texts or tuple("" for _ in c.token_logprobs)
+    return {"content": [
+        {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
+         "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode("utf-8"))}
+                          for a, alp in _alternatives(c, i)]}
+        for i, (t, lp) in enumerate(zip(texts, c.token_logprobs))]}
 
 
 def completion_logprobs(c: Completion) -> dict[str, Any]:
-    texts = list(c.token_texts or ("" for _ in c.token_ids))
+    texts = list(c.token_texts or ("" for _ in c.token_logprobs))
     offsets, pos = [], 0
     for t in texts:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": texts, "token_logprobs": list(c.token_logprobs), "top_logprobs": None,
+    top = [dict(_alternatives(c, i)) for i in range(len(texts))] if c.top_logprobs else None
+    return {"tokens": texts, "token_logprobs": list(c.token_logprobs), "top_logprobs": top,
             "text_offset": offsets}
+
+
+def tool_calls(c: Completion, streamed: bool = False) -> list[dict[str, Any]]:
+    """OpenAI's `tool_calls` (a chunk's carry their `index`)."""
+    calls = [dict(call) for call in c.tool_calls]
+    if streamed:
+        calls = [{"index": i, **call} for i, call in enumerate(calls)]
+    return calls
 
 
 class ResponseBuilder:
@@ -59,38 +75,58 @@ class ResponseBuilder:
     def _head(self, obj: str, model: str) -> dict[str, Any]:
         return {"id": self.rid, "object": obj, "created": self.created, "model": model}
 
-    def body(self, c: Completion, rec: RoutingRecord) -> dict[str, Any]:
-        """The whole (non-streaming) response."""
+    def _choice(self, c: Completion) -> dict[str, Any]:
         lp = self._logprobs(c)
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": c.text},
-                      "logprobs": lp, "finish_reason": c.finish_reason}
-        else:
-            choice = {"index": 0, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+        if not self.chat:
+            return {"index": c.index, "text": c.text, "logprobs": lp,
+                    "finish_reason": c.finish_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        if c.tool_calls:
+            message = {"role": "assistant", "content": c.text or None,
+                       "tool_calls": tool_calls(c)}
+        return {"index": c.index, "message": message, "logprobs": lp,
+                "finish_reason": c.finish_reason}
+
+    def body(self, c: Completion, rec: RoutingRecord) -> dict[str, Any]:
+        """The whole (non-streaming) response: one choice per `c.choices`."""
         head = self._head("chat.completion" if self.chat else "text_completion", rec.answered_by)
-        return {**head, "choices": [choice], "usage": rec.usage(c), "frugalserve": rec.as_dict()}
+        return {**head, "choices": [self._choice(x) for x in c.choices], "usage": rec.usage(c),
+                "frugalserve": rec.as_dict()}
 
     def chunk(self, model: str, text: str | None, finish: str | None = None,
-              c: Completion | None = None, first: bool = False) -> dict[str, Any]:
+              c: Completion | None = None, first: bool = False, index: int = 0,
+              ) -> dict[str, Any]:
         if self.chat:
-            delta = {"role": "assistant", "content": ""} if first else (
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
                 {"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(c),
+            if c is not None and c.tool_calls:
+                delta["tool_calls"] = tool_calls(c, streamed=True)
+            choice = {"index": index, "delta": delta, "logprobs": self._logprobs(c),
                       "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": self._logprobs(c),
+            choice = {"index": index, "text": text or "", "logprobs": self._logprobs(c),
                       "finish_reason": finish}
         head = self._head("chat.completion.chunk" if self.chat else "text_completion", model)
         return {**head, "choices": [choice]}
 
-    def opening(self, model: str) -> Iterator[str]:
-        """What a stream sends first: the chat role chunk (nothing for text completions)."""
+    def opening(self, model: str, n: int = 1) -> Iterator[str]:
+        """What a stream sends first: the chat role chunk of each choice (nothing for text
+        completions)."""
         if self.chat:
-            yield sse(self.chunk(model, None, first=True))
+            for i in range(n):
+                yield sse(self.chunk(model, None, first=True, index=i))
 
-    def closing(self, model: str, text: str, c: Completion, rec: RoutingRecord) -> Iterator[str]:
-        """The final chunk (finish reason, logprobs, routing record), then usage if asked for."""
-        last = self.chunk(model, text, c.finish_reason, c)
+    def closing(self, model: str, text: str, c: Completion, rec: RoutingRecord,
+                index: int = 0) -> Iterator[str]:
+        """Each choice's final chunk (finish reason, logprobs; `text` is the rest of choice
+        `index`), the last with the routing record, then usage if asked for."""
+        choices = c.choices
+        for x in choices[:-1]:
+            yield sse(self.chunk(model, text if x.index == index else None, x.finish_reason, x,
+                                 index=x.index))
+        end = choices[-1]
+        last = self.chunk(model, text if end.index == index else None, end.finish_reason, end,
+                          index=end.index)
         yield sse({**last, "frugalserve": rec.as_dict()})
         if self.include_usage:
             yield sse({**self._head(last["object"], model), "choices": [], "usage": rec.usage(c),
@@ -102,9 +138,11 @@ Finish = Callable[[RoutingRecord, Completion], None]  # called once the answer i
 
 async def held_events(b: ResponseBuilder, c: Completion, rec: RoutingRecord,
                       timer: StreamTimer) -> AsyncIterator[str]:
-    for event in b.opening(rec.answered_by):
+    for event in b.opening(rec.answered_by, len(c.choices)):
         yield event
     timer.token()
+    for x in c.choices[1:]:
+        yield sse(b.chunk(rec.answered_by, x.text, index=x.index))
     for event in b.closing(rec.answered_by, c.text, c, rec):
         yield event
     yield sse(DONE)
@@ -112,11 +150,12 @@ async def held_events(b: ResponseBuilder, c: Completion, rec: RoutingRecord,
 
 
 async def live_events(b: ResponseBuilder, stream: ExpertStream, rec: RoutingRecord,
-                      prices: Prices, timer: StreamTimer, finish: Finish) -> AsyncIterator[str]:
+                      prices: Prices, timer: StreamTimer, finish: Finish, n: int = 1,
+                      ) -> AsyncIterator[str]:
     """Stream `stream`'s deltas; its run joins `rec` when the completion arrives. Headers are
     sent by then, so an error on the way is reported in-band, OpenAI-shaped."""
     expert = stream.expert
-    for event in b.opening(expert):
+    for event in b.opening(expert, n):
         yield event
     try:
         async for delta in stream:
@@ -125,10 +164,10 @@ async def live_events(b: ResponseBuilder, stream: ExpertStream, rec: RoutingReco
                 continue
             timer.token()
             if c is None:
-                yield sse(b.chunk(expert, delta.text))
+                yield sse(b.chunk(expert, delta.text, index=delta.index))
                 continue
             rec.add(expert, c, prices)
-            for event in b.closing(expert, delta.text, c, rec):
+            for event in b.closing(expert, delta.text, c, rec, delta.index):
                 yield event
             finish(rec, c)
     except APIError as exc:

@@ -147,10 +147,24 @@ def demo_adapter(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def app_url(serve_http, demo_router, demo_adapter):
+def stub_provider():
+    """A hosted provider's stand-in on loopback (429 + Retry-After on a first call)."""
+    from tests.serve_app.stub_openai import StubProvider
+
+    stub = StubProvider()
+    yield stub
+    stub.close()
+
+
+ALIASES = {"gpt-4o-mini": "cascade", "cheap": "cascade:max_tier=0", "gpt-4o": "demo-falcon"}
+
+
+@pytest.fixture(scope="session")
+def app_url(serve_http, demo_router, demo_adapter, stub_provider):
     """The test application deployed once under `/`: both demo experts, the moe and cascade
-    policies, and two remote experts: one served by a second frugalserve application under
-    `/remote` (a real OpenAI-compatible endpoint), one pointing at a closed port."""
+    policies, aliases, and three remote experts: one served by a second frugalserve application
+    under `/remote` (a real OpenAI-compatible endpoint, vLLM's sampling fields on), one pointing
+    at a closed port, one at a stub provider that rate-limits."""
     import copy
 
     from frugalserve.serve_app.app import build_app
@@ -163,13 +177,19 @@ def app_url(serve_http, demo_router, demo_adapter):
     serve.run(build_app(remote_args), name="remote", route_prefix="/remote")
     args = copy.deepcopy(TEST_APP_ARGS)
     args["routing"] = {"artifact": str(demo_router)}
+    args["aliases"] = dict(ALIASES)
     args["experts"][0]["engine"]["adapters"] = {"demo-llama-lora": str(demo_adapter)}
     args["experts"] += [
         {"name": "hosted-falcon", "cost_per_1k_prompt": 1.0, "cost_per_1k_completion": 2.0,
          "remote": {"base_url": f"{serve_http}/remote/v1", "model": "demo-falcon",
-                    "api_key_env": "FRUGALSERVE_TEST_KEY", "max_context": 128}},
+                    "api_key_env": "FRUGALSERVE_TEST_KEY", "max_context": 128,
+                    "vllm_sampling": True}},
         {"name": "dead", "cost_per_1k_prompt": 1.0, "cost_per_1k_completion": 1.0,
-         "remote": {"base_url": f"http://127.0.0.1:{free_port()}/v1", "connect_timeout_s": 2}},
+         "remote": {"base_url": f"http://127.0.0.1:{free_port()}/v1", "connect_timeout_s": 2,
+                    "max_retries": 0}},
+        {"name": "flaky", "cost_per_1k_prompt": 1.0, "cost_per_1k_completion": 1.0,
+         "remote": {"base_url": stub_provider.url, "model": "stub-model", "logprobs": False,
+                    "max_tokens_field": "max_completion_tokens", "max_retries": 2}},
     ]
     serve.run(build_app(args), name="frugalserve", route_prefix="/")
     _wait_ready(serve_http, started)

@@ -42,13 +42,14 @@ from frugalserve.experts.memory import (
     estimate_activation_bytes_per_token,
     weight_bytes,
 )
-from frugalserve.experts.output import OutputState, eos_token_ids
+from frugalserve.experts.output import Choices, eos_token_ids
 from frugalserve.experts.paged.block_manager import BlockManager
 from frugalserve.experts.paged.core import EngineCore, TokenOutput
 from frugalserve.experts.paged.models import PagedModel, paged_model_for
 from frugalserve.experts.paged.runner import ModelRunner, cache_pages
 from frugalserve.experts.paged.scheduler import Scheduled, SchedulerConfig, Step
 from frugalserve.experts.paged.sequence import Sequence
+from frugalserve.experts.sampling import RowState, check_params, row_state
 from frugalserve.experts.spec import (
     DEFAULT_MAX_TOKENS,
     EngineSpec,
@@ -56,11 +57,11 @@ from frugalserve.experts.spec import (
     SchedulerSpec,
 )
 from frugalserve.experts.spec import spec_default as _default
+from frugalserve.experts.structured import Grammars
 from frugalserve.experts.transformers_engine import (
     load_model,
     model_context_limit,
     model_parameters,
-    seeded_generator,
 )
 
 logger = logging.getLogger(__name__)
@@ -102,9 +103,11 @@ class _Stream:
     than the model's step at large batches."""
 
     loop: asyncio.AbstractEventLoop
+    index: int = 0  # the request's choice this sequence is (n > 1: one _Stream per choice)
     final_only: bool = False
-    event: asyncio.Event = field(default_factory=asyncio.Event)
-    items: list[tuple[list[int], list[float], str | None]] = field(default_factory=list)
+    event: asyncio.Event = field(default_factory=asyncio.Event)  # the request's, shared
+    # (choice, tokens, logprobs, finish reason, top logprobs), appended by the loop's hand-over
+    items: list[tuple[int, list[int], list[float], str | None, list]] = field(default_factory=list)
     error: BaseException | None = None
     delivered: int = 0  # generated tokens handed over so far (loop thread)
     last: float = 0.0  # when they were (loop thread)
@@ -128,6 +131,8 @@ class PagedEngine(Engine):
         self.config = config
         self.num_parameters = model_parameters(model)
         self.eos_ids = eos_token_ids(model, tokenizer)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_ids)
         self.paged = paged or paged_model_for(model, self._max_context)
         self.device = self.paged.device
         self._weights = weight_bytes(model)
@@ -151,7 +156,7 @@ class PagedEngine(Engine):
         self._profile = self._memory_profile(budget, activation)
         self._ids = itertools.count()
         self._streams: dict[int, _Stream] = {}
-        self._by_request: dict[str, Sequence] = {}
+        self._by_request: dict[str, list[Sequence]] = {}
         self._inbox: list[tuple[str, Sequence]] = []
         self._cv = threading.Condition()
         self._closed = False
@@ -267,6 +272,7 @@ class PagedEngine(Engine):
 
     def admit(self, request: GenerationRequest) -> Admission:
         admission = super().admit(request)
+        check_params(request.params, self.vocab_size, self.grammars, self.name)
         need = len(admission.prompt_ids) + admission.max_tokens - 1
         capacity = self.blocks.num_usable * self.blocks.page_size
         if need > capacity:
@@ -276,46 +282,64 @@ class PagedEngine(Engine):
         return admission
 
     def cancel(self, request_id: str) -> None:
-        seq = self._by_request.get(request_id)
-        if seq is not None:
+        for seq in self._by_request.get(request_id, ()):
             self._post("abort", seq)
+
+    def _sequences(self, admission: Admission) -> list[Sequence]:
+        """One sequence per choice (n > 1: admitted together, so they batch together)."""
+        seqs = []
+        for k in range(admission.request.params.n):
+            params = admission.request.params.for_choice(k)
+            tokens = list(admission.prompt_ids)
+            state = row_state(params, tokens, len(tokens), self.grammars, self.device)
+            seqs.append(Sequence(next(self._ids), tokens, len(tokens), admission.max_tokens,
+                                 params=params, generator=state, arrival=time.monotonic()))
+        return seqs
 
     async def stream(self, admission: Admission, *, final_only: bool = False,
                      ) -> AsyncIterator[StreamDelta]:
         req = admission.request
-        seq = Sequence(next(self._ids), list(admission.prompt_ids), len(admission.prompt_ids),
-                       admission.max_tokens, params=req.params,
-                       generator=seeded_generator(req.params, self.device),
-                       arrival=time.monotonic())
-        st = _Stream(asyncio.get_running_loop(), final_only=final_only and not req.params.stop)
-        self._streams[seq.seq_id] = st
+        seqs = self._sequences(admission)
+        loop, event = asyncio.get_running_loop(), asyncio.Event()
+        streams = [_Stream(loop, k, final_only=final_only and not req.params.stop, event=event)
+                   for k in range(len(seqs))]
+        for seq, st in zip(seqs, streams):
+            self._streams[seq.seq_id] = st
         if req.request_id:
-            self._by_request[req.request_id] = seq
-        out = OutputState(self.tokenizer, admission)
-        engine_done = False  # the engine finished the sequence (and freed its pages) itself
-        self._post("add", seq)
+            self._by_request[req.request_id] = seqs
+        out = Choices(self.tokenizer, admission)
+        engine_done = [False] * len(seqs)  # the engine finished a sequence (and freed its pages)
+        for seq in seqs:
+            self._post("add", seq)
         try:
             while not out.finished:
-                await st.event.wait()
-                st.event.clear()
-                items, st.items = st.items, []
-                if st.error is not None:
-                    raise st.error
-                if not items:
-                    continue
-                engine_done = items[-1][2] is not None
-                ids = [t for chunk, _, _ in items for t in chunk]
-                lps = [lp for _, chunk, _ in items for lp in chunk]
-                delta = out.add(ids, lps, items[-1][2])
-                if delta is not None:
-                    yield delta
+                await event.wait()
+                event.clear()
+                for st in streams:
+                    items, st.items = st.items, []
+                    if st.error is not None:
+                        raise st.error
+                    if not items or out.outs[st.index].finished:
+                        continue
+                    engine_done[st.index] = items[-1][3] is not None
+                    ids = [t for _, chunk, _, _, _ in items for t in chunk]
+                    lps = [lp for _, _, chunk, _, _ in items for lp in chunk]
+                    top = [row for *_, chunk in items for row in chunk]
+                    delta = out.add(st.index, ids, lps, items[-1][3], top)
+                    k = st.index
+                    if out.outs[k].finished and not engine_done[k] and len(seqs) > 1:
+                        self._post("abort", seqs[k])  # cut at a stop sequence: free it now
+                        engine_done[k] = True
+                    if delta is not None:
+                        yield delta
         finally:
-            if not engine_done:  # cancelled, failed, or cut at a stop sequence
-                self._post("abort", seq)
-                if not out.finished:
-                    self.cancelled_total += 1
-            self._streams.pop(seq.seq_id, None)
-            if req.request_id and self._by_request.get(req.request_id) is seq:
+            for seq, done, choice in zip(seqs, engine_done, out.outs):
+                if not done:  # cancelled, failed, or cut at a stop sequence
+                    self._post("abort", seq)
+                    if not choice.finished:
+                        self.cancelled_total += 1
+                self._streams.pop(seq.seq_id, None)
+            if req.request_id and self._by_request.get(req.request_id) is seqs:
                 del self._by_request[req.request_id]
 
     def stats(self) -> dict[str, Any]:
@@ -431,7 +455,9 @@ class PagedEngine(Engine):
                 continue  # held: handed over with the next batch of this sequence's tokens
             start = st.delivered
             st.delivered, st.last = seq.num_generated, now
-            item = (seq.tokens[seq.num_prompt + start:], seq.logprobs[start:], out.finish_reason)
+            top = seq.generator.top[start:] if isinstance(seq.generator, RowState) else []
+            item = (st.index, seq.tokens[seq.num_prompt + start:], seq.logprobs[start:],
+                    out.finish_reason, top)
             by_loop.setdefault(st.loop, []).append((st, item))
         for loop, items in by_loop.items():
             try:
@@ -451,7 +477,8 @@ class PagedEngine(Engine):
                     pass
 
 
-def _hand_over(items: list[tuple[_Stream, tuple[list[int], list[float], str | None]]]) -> None:
+def _hand_over(items: list[tuple[_Stream, tuple[int, list[int], list[float], str | None, list]]],
+               ) -> None:
     for st, item in items:
         st.items.append(item)
         st.event.set()

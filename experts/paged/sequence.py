@@ -26,7 +26,9 @@ class Sequence:
     num_prompt: int
     max_tokens: int
     params: SamplingParams = field(default_factory=SamplingParams)
-    generator: Any = None  # torch.Generator for sampled requests (own stream: batch-independent)
+    # the sampler's RowState (frugalserve.experts.sampling): seeded generator, grammar, top
+    # logprobs; None for a plain greedy sequence
+    generator: Any = None
     status: Status = Status.WAITING
     num_computed: int = 0
     pages: list[int] = field(default_factory=list)

@@ -2,12 +2,18 @@
 
 Decisions come from `frugalserve.cascade` (gate, scorer, `cascade_step`); this module only wires
 them to expert calls, budgets, stickiness and the routing record.
+
+What the scorer cannot judge is never a reason to escalate: an answer that calls a tool is
+accepted as it is (`stop_reason: tool_call`); a tier that cannot honour a field of the request
+(tools, structured output, ... : a 400 `unsupported_parameter`) is skipped while a later tier
+remains. An answer that is not valid under the requested `response_format` scores 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import Mapping
 
 import numpy as np
@@ -46,9 +52,14 @@ class Policies:
         text = prompt_text(request.messages, request.prompt)
         return text, (await asyncio.to_thread(self.featurize, [text]))[0]
 
-    def score(self, expert: str, text: str, feats: np.ndarray, c: Completion) -> float:
-        return float(self.art.score(expert, answer_features(text, c.text, c.token_logprobs),
-                                    feats)[0])
+    def score(self, expert: str, text: str, feats: np.ndarray, c: Completion,
+              request: GenerationRequest | None = None) -> float:
+        """The scorer's P(correct) of an answer; with n > 1 choices, the weakest choice's; 0 for
+        an answer that breaks the requested format."""
+        if request is not None and not all(valid_format(request, x.text) for x in c.choices):
+            return 0.0
+        return min(float(self.art.score(expert, answer_features(text, x.text, x.token_logprobs),
+                                        feats)[0]) for x in c.choices)
 
     async def prices(self, expert: str) -> Prices:
         return Prices.of(await self.clients[expert].info())
@@ -88,7 +99,7 @@ class Policies:
         if len(chosen) == 1:
             rec.add(chosen[0], done[0], await self.prices(chosen[0]))
             return Outcome(rec, completion=done[0])
-        scored = [(self.score(e, text, feats, c), e, c) for e, c in zip(chosen, done)]
+        scored = [(self.score(e, text, feats, c, request), e, c) for e, c in zip(chosen, done)]
         for s, e, c in scored:
             rec.add(e, c, await self.prices(e), score=round(s, 4))
         _, rec.answered_by, best = max(scored, key=lambda t: t[0])
@@ -105,16 +116,18 @@ class Policies:
         except ArtifactError as exc:
             raise APIError(400, str(exc), param="frugalserve.budget", code="budget_too_low") from None
         order, ths = list(point.order), list(point.thresholds)
-        if max_tier is not None and max_tier >= len(order):
-            raise APIError(400, f"max_tier {max_tier} is out of range: the cascade has "
-                           f"{len(order)} tiers ({order})", param="frugalserve.max_tier")
+        for field, value in (("max_tier", max_tier), ("start_tier", options.start_tier if options else None)):
+            if value is not None and value >= len(order):
+                raise APIError(400, f"{field} {value} is out of range: the cascade has "
+                               f"{len(order)} tiers ({order})", param=f"frugalserve.{field}",
+                               code="invalid_value")
         text, feats = await self.features(request)
-        start = 0
+        start = options.start_tier if options is not None and options.start_tier is not None else 0
         sticky = self._sticky_expert(request, header, options)
         if sticky in order:
-            start = order.index(sticky)
-            if max_tier is not None:
-                start = min(start, max_tier)
+            start = max(start, order.index(sticky))
+        if max_tier is not None:
+            start = min(start, max_tier)
         rec = RoutingRecord(policy="cascade", details={
             "tiers": order, "thresholds": [round(t, 6) for t in ths], "start_tier": start,
             "budget": budget})
@@ -128,6 +141,9 @@ class Policies:
             try:
                 c = await self.clients[expert].generate(request)
             except APIError as exc:
+                if exc.code == "unsupported_parameter" and not final:
+                    rec.details.setdefault("skipped", []).append(expert)  # a later tier may
+                    continue
                 if exc.status < 500 or (last_answer is None and final):
                     raise
                 if last_answer is not None:  # documented fallback: keep the answer we have
@@ -135,12 +151,16 @@ class Policies:
                     return Outcome(rec, completion=last_answer)
                 rec.details.setdefault("skipped", []).append(expert)
                 continue
-            score = self.score(expert, text, feats, c)
+            if any(x.tool_calls for x in c.choices):  # nothing to score: the call stands
+                rec.add(expert, c, await self.prices(expert), accepted=True)
+                rec.details["stop_reason"] = "tool_call"
+                return Outcome(rec, completion=c)
+            score = self.score(expert, text, feats, c, request)
             th = ths[i] if i < len(ths) else 0.0
             next_cost = 0.0
             if not final:
                 next_cost = (await self.prices(order[i + 1])).cost(c.prompt_tokens,
-                                                                   c.completion_tokens)
+                                                                   c.generated_tokens)
             run = rec.add(expert, c, await self.prices(expert), score=round(score, 4),
                           threshold=round(th, 6))
             step = cascade_step(i, len(order), score, th, spent=rec.cost, next_cost=next_cost,
@@ -151,3 +171,22 @@ class Policies:
                 return Outcome(rec, completion=c)
         raise APIError(503, "no cascade tier could answer", type="server_error",
                        code="expert_unavailable")
+
+
+def valid_format(request: GenerationRequest, text: str) -> bool:
+    """Whether `text` is what the request's `response_format` asked for."""
+    guide = request.params.guide
+    if guide is None:
+        return True
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False
+    if guide.kind == "json_schema" and guide.schema is not None:
+        import jsonschema  # loaded on the first structured request only
+
+        try:
+            jsonschema.validate(value, json.loads(guide.schema))
+        except jsonschema.ValidationError:
+            return False
+    return guide.kind == "json_schema" or isinstance(value, dict)

@@ -46,10 +46,15 @@ def prompt_len(tokenizer, messages) -> int:
 
 
 def test_models_lists_every_expert(client):
+    from tests.conftest import ALIASES
+
     models = {m.id: m.model_extra["frugalserve"]["kind"] for m in client.models.list().data}
-    assert models == {"demo-llama": "expert", "demo-falcon": "expert", "hosted-falcon": "expert",
-                      "dead": "expert", "demo-llama-lora": "expert", "moe": "policy",
-                      "cascade": "policy"}
+    budgets = {m for m in models if m.startswith("cascade:budget=")}
+    assert budgets and all(models[m] == "policy" for m in budgets)
+    assert {m: k for m, k in models.items() if m not in budgets} == {
+        "demo-llama": "expert", "demo-falcon": "expert", "hosted-falcon": "expert",
+        "dead": "expert", "flaky": "expert", "demo-llama-lora": "expert", "moe": "policy",
+        "cascade": "policy", **{a: "alias" for a in ALIASES}}
 
 
 def test_chat_completion_matches_the_engine_and_counts_usage(client, tokenizer, local_engine):

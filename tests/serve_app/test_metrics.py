@@ -1,4 +1,6 @@
-"""Scrape the real Prometheus endpoint of the running application."""
+"""Scrape the real Prometheus endpoints of the running application: Ray's metrics port, and the
+API port's /metrics. The names come from the metrics module, so a series added there is checked
+here too."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import time
 
 import httpx
 import pytest
+from frugalserve.serve_app.metrics import VLLM_EXPORTED, VLLM_NATIVE, exported_names
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
@@ -25,6 +28,10 @@ def total(samples, name: str, **labels) -> float:
     return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
 
 
+def present(samples, name: str) -> bool:
+    return any(n == name for n, _ in samples)
+
+
 def wait_for(url, check):
     """The first scrape that passes `check` (the test's timeout bounds the wait)."""
     while not check(samples := scrape(url)):
@@ -32,47 +39,72 @@ def wait_for(url, check):
     return samples
 
 
-@pytest.mark.timeout(180)  # a series that never reaches the exporter would hang here
-def test_requests_tokens_latency_and_batches_are_exported(app_url, metrics_url):
+def sample_name(name: str, kind: str) -> str:
+    return name + "_count" if kind == "histogram" else name
+
+
+@pytest.mark.timeout(240)  # a series that never reaches the exporter would hang here
+def test_every_series_carries_values_after_a_cascade_a_moe_and_a_stream(app_url, metrics_url):
+    from tests.serve_app.test_routing import LIVE
+
     before = scrape(metrics_url)
-    n, tokens = 3, 0
+    tokens = 0
     with httpx.Client(base_url=app_url, timeout=60) as c:
-        for i in range(n):
+        escalated = 0
+        for prompt in LIVE:  # some of them escalate (test_routing checks which)
             r = c.post("/v1/chat/completions", json={
-                "model": "demo-falcon", "max_tokens": 4,
-                "messages": [{"role": "user", "content": f"metrics {i}"}]})
-            assert r.status_code == 200
+                "model": "cascade", "max_tokens": 6, "temperature": 0,
+                "messages": [{"role": "user", "content": prompt}]})
+            assert r.status_code == 200, r.text
             tokens += r.json()["usage"]["completion_tokens"]
+            escalated += r.json()["frugalserve"]["escalations"]
+            if escalated:
+                break
+        assert escalated
+        assert c.post("/v1/chat/completions", json={
+            "model": "moe", "max_tokens": 4, "messages": [{"role": "user", "content": "m"}],
+        }).status_code == 200
         with c.stream("POST", "/v1/chat/completions", json={
-            "model": "demo-falcon", "max_tokens": 4, "stream": True,
+            "model": "demo-falcon", "max_tokens": 6, "stream": True, "ignore_eos": True,
             "messages": [{"role": "user", "content": "metrics stream"}]}) as s:
             for _ in s.iter_lines():
                 pass
         assert c.post("/v1/chat/completions", json={"model": "nope", "messages": [
             {"role": "user", "content": "x"}]}).status_code == 404
 
-    req, gen = "ray_frugalserve_requests_total", "ray_frugalserve_completion_tokens_total"
+    names = exported_names()
+    assert "ray_vllm_time_to_first_token_seconds" in names and "ray_frugalserve_cost_units_total" in names
 
     def missing(s) -> list[str]:
         """What has not reached the exporter yet (each series gets there on its own schedule)."""
-        grew = {
-            "requests 200": total(s, req, model="demo-falcon", status="200")
-            - total(before, req, model="demo-falcon", status="200") >= n + 1,
-            "requests 404": total(s, req, status="404") > total(before, req, status="404"),
-            "completion tokens": total(s, gen, expert="demo-falcon")
-            - total(before, gen, expert="demo-falcon") >= tokens,
-            "weight bytes": total(s, "ray_frugalserve_weight_bytes", expert="demo-falcon") > 0,
-            **{name: total(s, name) > total(before, name) for name in (
-                "ray_frugalserve_e2e_request_latency_seconds_count",
-                "ray_frugalserve_time_to_first_token_seconds_count",
-                "ray_frugalserve_batch_size_count")},
-        }
-        return [k for k, ok in grew.items() if not ok]
+        gaps = []
+        for name, kind in names.items():
+            n = sample_name(name, kind)
+            if kind == "gauge":
+                if not present(s, n):
+                    gaps.append(name)
+            elif total(s, n) <= total(before, n):
+                gaps.append(name)
+        gen = "ray_frugalserve_completion_tokens_total"
+        if total(s, gen) - total(before, gen) < tokens:
+            gaps.append("completion tokens")
+        if total(s, "ray_frugalserve_requests_total", status="404") <= total(
+                before, "ray_frugalserve_requests_total", status="404"):
+            gaps.append("requests 404")
+        return gaps
 
     after = wait_for(metrics_url, lambda s: not missing(s))
-    assert any(n == "ray_frugalserve_queue_depth" for n, _ in after)
-    # the memory profile and the autoscaling signal of each expert
     assert total(after, "ray_frugalserve_kv_bytes_per_token", expert="demo-falcon") > 0
     assert total(after, "ray_frugalserve_weight_bytes", expert="demo-falcon") > 100_000
-    assert any(n == "ray_frugalserve_tokens_in_flight" for n, _ in after)
+    assert total(after, "ray_vllm_request_success_total", model_name="demo-falcon",
+                 finished_reason="length") > 0
     assert any(n.startswith("ray_serve_") for n, _ in after)  # Serve's own series beside ours
+
+    # the API port: the same series, vLLM's under vLLM's own names
+    api = scrape(f"{app_url}/metrics")
+    vllm = [n for n in names if n.startswith(VLLM_EXPORTED)]
+    for name in vllm:
+        native = sample_name(name.replace(VLLM_EXPORTED, VLLM_NATIVE, 1), names[name])
+        assert total(api, native) > 0, native
+    assert total(api, "ray_frugalserve_requests_total") > 0
+    assert not any(n.startswith(VLLM_EXPORTED) for n, _ in api)

@@ -126,7 +126,8 @@ def test_budget_stops_escalation(http, offline, art):
 @pytest.mark.parametrize("extra, status, code", [
     ({"frugalserve": {"budget": 1e-12}}, 400, "budget_too_low"),
     ({"frugalserve": {"policy": "magic"}}, 400, "unknown_policy"),
-    ({"frugalserve": {"max_tier": 7}}, 400, None),
+    ({"frugalserve": {"max_tier": 7}}, 400, "invalid_value"),
+    ({"frugalserve": {"start_tier": 7}}, 400, "invalid_value"),
     ({"frugalserve": {"budget": -1}}, 400, "invalid_value"),
 ])
 def test_bad_routing_options(http, extra, status, code):
