@@ -141,7 +141,7 @@ class Completion:
     token_texts: tuple[str, ...] = ()  # each generated token as text, for OpenAI-style logprobs
     # per generated token, the `top_logprobs` most likely alternatives as (text, logprob)
     top_logprobs: tuple[tuple[tuple[str, float], ...], ...] = ()
-    tool_calls: tuple[dict, ...] = ()  # OpenAI tool calls (remote and vLLM experts)
+    tool_calls: tuple[dict, ...] = ()  # OpenAI tool calls (from remote experts)
     index: int = 0  # the choice this is, for n > 1
     others: tuple[Completion, ...] = ()  # n > 1: choices 1 .. n - 1 (this one is choice 0)
 

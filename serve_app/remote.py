@@ -130,7 +130,7 @@ class RemoteClient:
                             type="timeout")
         if isinstance(exc, openai.APIConnectionError):
             return APIError(503, f"remote expert {self.name!r} at {self.spec.base_url} is "
-                            f"unreachable: {type(exc).__name__}", type="server_error",
+                            f"unreachable: {type(exc.__cause__ or exc).__name__}", type="server_error",
                             code="expert_unavailable", retry_after=1)
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code

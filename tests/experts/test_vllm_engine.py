@@ -244,3 +244,26 @@ def test_unsupported_reasons_name_each_feature():
         assert word in text
     assert vllm_backend.unsupported_reasons(head_size=128, num_heads=32, num_kv_heads=8,
                                             alibi_slopes=[0.5] * 32) == []
+
+
+def test_sampling_kwargs_carry_vllms_fields_and_guided_decoding():
+    from frugalserve.experts.engine import Guide, UnsupportedFeatureError
+
+    params = SamplingParams(temperature=0.5, top_k=5, min_p=0.1, repetition_penalty=1.2,
+                            presence_penalty=0.3, logit_bias=((7, -100.0),), min_tokens=2,
+                            ignore_eos=True, stop_token_ids=(9,), top_logprobs=3,
+                            guide=Guide("json_schema", '{"type": "object"}'))
+    kw = ve.sampling_kwargs(params, 16)
+    assert {k: kw[k] for k in ("top_k", "min_p", "repetition_penalty", "presence_penalty",
+                               "min_tokens", "ignore_eos", "stop_token_ids", "logit_bias",
+                               "logprobs")} == {
+        "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "presence_penalty": 0.3,
+        "min_tokens": 2, "ignore_eos": True, "stop_token_ids": [9], "logit_bias": {7: -100.0},
+        "logprobs": 3}
+    assert kw["structured_outputs"] == {"json": {"type": "object"}}
+    assert ve.sampling_kwargs(SamplingParams(guide=Guide("json_object")), 4)[
+        "structured_outputs"] == {"json_object": True}
+    assert "top_k" not in ve.sampling_kwargs(SamplingParams(), 4)  # vLLM's defaults stay its own
+    with pytest.raises(UnsupportedFeatureError) as info:
+        ve.sampling_kwargs(SamplingParams(n=2), 4)
+    assert info.value.param == "n"

@@ -11,7 +11,10 @@ import pytest
 from frugalserve.experts.engine import GenerationRequest, SamplingParams
 from frugalserve.experts.spec import resolve_model_path
 from frugalserve.experts.transformers_engine import TransformersEngine
+from openai.types import Completion as OpenAICompletion
 from transformers import AutoTokenizer
+
+from tests.serve_app.test_api_fields import validate_chunk
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +78,7 @@ def test_text_completion_with_logprobs(http, local_engine):
                                            "max_tokens": 5, "temperature": 0, "logprobs": 1})
     assert r.status_code == 200, r.text
     body = r.json()
+    OpenAICompletion.model_validate(body)
     (direct,) = asyncio.run(local_engine.generate(
         [GenerationRequest(prompt="The capital of", params=SamplingParams(max_tokens=5))]))
     assert body["choices"][0]["text"] == direct.text
@@ -125,6 +129,8 @@ def test_streaming_completion_over_sse_ends_with_done(http):
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    for c in chunks:
+        validate_chunk(c)
     assert all(c["object"] == "text_completion" for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert "usage" not in chunks[-1]  # include_usage was not asked for

@@ -55,7 +55,7 @@ def test_api_keys(guarded):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
             r = c.post("/v1/chat/completions", json=body(), headers=headers)
             assert r.status_code == 401
-            assert r.json()["error"]["code"] == "invalid_api_key"
+            assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (None, "invalid_api_key")
             assert KEY not in r.text
         assert c.get("/v1/models").status_code == 401
         assert c.get("/healthz").status_code == 200  # probes need no key
@@ -81,7 +81,8 @@ def test_full_queue_gets_a_503_not_a_wait(guarded):
     assert 200 in codes and 503 in codes, codes
     for r in responses:
         if r.status_code == 503:
-            assert r.json()["error"]["code"] == "overloaded"
+            assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (None, "overloaded")
+            assert r.headers["retry-after"] == "1"
     # turned away while the expert was busy, not made to wait: a 503 is only given while the queue
     # is full, and the queued request still has all its 300 tokens to generate, so every 503 is
     # back before the last 200
