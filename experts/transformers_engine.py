@@ -3,7 +3,7 @@ batch at a time.
 
 It is the fallback for what the continuous-batching paged engine (experts/paged/) does not run:
 model families it has no paged implementation for, LoRA adapters mixed in one batch (peft's
-`adapter_names`), and engines asked for with `batching.continuous: off`. One `stream_batch` call
+`adapter_names`), and engines asked for with `engine.scheduler.continuous: off`. One `stream_batch` call
 decodes a batch together: prompts are left-padded, each request keeps its own `max_tokens`,
 sampling settings, stop sequences and seed, and every generated token comes with its
 log-probability under the model (temperature-free), which the cascade's scorer reads.
