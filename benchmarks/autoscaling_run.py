@@ -32,15 +32,18 @@ def args_for(usable: int, weights: int) -> dict:
         "gpus": "never",
         "router": {"num_cpus": 0.1},
         "experts": [{
-            "name": "demo-llama", "model": "builtin:demo-llama",
-            "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
-            "resources": {"num_cpus": 0.25},
-            "autoscaling": {
-                "min_replicas": 1, "max_replicas": 4, "target_utilisation": 0.5,
-                "memory_budget_bytes": weights + usable, "memory_fraction": 1.0,
-                "target_ongoing_requests": 1000,  # no request floor: memory alone decides
-                "upscale_delay_s": 0, "downscale_delay_s": 5,
-                "look_back_period_s": 1.0, "metrics_interval_s": 0.25,
+            "name": "demo-llama",
+            "engine": {"model": "builtin:demo-llama", "scheduler": {"max_batch_size": 8},
+                       "kv_cache": {"memory_budget_bytes": weights + usable,
+                                    "memory_fraction": 1.0}},
+            "deployment": {
+                "resources": {"num_cpus": 0.25}, "batch_wait_timeout_s": 0.05,
+                "autoscaling": {
+                    "min_replicas": 1, "max_replicas": 4, "target_utilisation": 0.5,
+                    "target_ongoing_requests": 1000,  # no request floor: memory alone decides
+                    "upscale_delay_s": 0, "downscale_delay_s": 5,
+                    "look_back_period_s": 1.0, "metrics_interval_s": 0.25,
+                },
             },
         }],
     }

@@ -143,15 +143,16 @@ def main(argv: list[str] | None = None) -> int:
              runtime_env={"env_vars": env} if env else None)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    batching = {"max_batch_size": args.max_batch_size}
+    scheduler = {"max_batch_size": args.max_batch_size}
     if args.admission_delay is not None:
-        batching["admission_delay_s"] = args.admission_delay
+        scheduler["admission_delay_s"] = args.admission_delay
     if args.stream_interval is not None:
-        batching["stream_interval_s"] = args.stream_interval
+        scheduler["stream_interval_s"] = args.stream_interval
     experts = [{
-        "name": name, "model": f"builtin:{name}", "batching": batching,
-        "max_ongoing_requests": 2 * max(levels), "autoscaling": {"enabled": False},
-        "resources": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        "name": name,
+        "engine": {"model": f"builtin:{name}", "scheduler": scheduler},
+        "deployment": {"max_ongoing_requests": 2 * max(levels), "autoscaling": {"enabled": False},
+                       "resources": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}},
     } for name in args.experts.split(",")]
     serve.run(build_app({"gpus": "auto", "default_model": args.target,
                          "router": {"num_cpus": 1, "max_ongoing_requests": 4 * max(levels),
