@@ -34,14 +34,15 @@ load: $(VENV)/.installed
 	$(BIN)/python -m frugalserve.cluster.load.run $(if $(LOAD_HOST),--host $(LOAD_HOST),--serve $(CONFIG)) \
 		--users $(LOAD_USERS) --spawn-rate $(LOAD_USERS) --run-time $(LOAD_TIME) --out $(LOAD_OUT)
 
-VLLM_VENV := .venv-vllm
+VLLM ?= 0.33.0
+VLLM_VENV := .venv-vllm-$(VLLM)
 
-# Not in CI: the vllm extra pulls vLLM's own CUDA torch (several GB). Runs on CPU too (Triton
-# interpreter), without starting a vLLM engine.
+# Not in CI: vLLM pulls its own CUDA torch (several GB). One venv per supported vLLM release
+# (`make test-vllm VLLM=0.24.0`); runs on CPU too (Triton interpreter), without starting an engine.
 test-vllm:
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install -q -e ".[vllm]" pytest pytest-timeout
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[dev]" "vllm==$(VLLM)" pytest pytest-timeout
 	$(VLLM_VENV)/bin/python -m pytest tests/vllm tests/experts/test_vllm_engine.py
 
 lint: $(VENV)/.installed

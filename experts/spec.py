@@ -110,6 +110,9 @@ class VLLMOptions(BaseModel):
     max_lora_rank: int | None = Field(None, ge=1, description="largest LoRA rank served")
     attention_backend: str | None = Field(
         None, description="vLLM attention backend name; CUSTOM: frugalserve's kernels (the plugin)")
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1, description="KV-cache bytes per GPU, instead of sizing it from "
+        "gpu_memory_utilization (for replicas that share a GPU)")
     kv_cache_dtype: str | None = Field(None, description="auto, bfloat16, fp8, ...")
     block_size: int | None = Field(None, ge=1, description="KV-cache block size in tokens")
     max_num_seqs: int | None = Field(None, ge=1, description="requests vLLM runs at once")

@@ -1,4 +1,5 @@
-"""The vLLM engine: an expert served by vLLM's AsyncLLM (vLLM 0.33.x, the `vllm` extra).
+"""The vLLM engine: an expert served by vLLM's AsyncLLM (vLLM 0.24.x or 0.33.x, the `vllm` extra;
+what differs between them lives in `frugalserve.kernels.vllm_compat`).
 
 vLLM batches by itself (continuous batching), so the deployment hands each request to `stream`
 as it arrives; `_stream_many` merges the outputs of several requests as they arrive (each yielded
@@ -31,6 +32,13 @@ from frugalserve.experts.engine import (
     StreamDelta,
     UnknownAdapterError,
     UnsupportedFeatureError,
+)
+from frugalserve.experts.memory import (
+    BYTES_IN_USE,
+    KV_BYTES_PER_TOKEN,
+    REQUESTS_IN_FLIGHT,
+    TOKENS_IN_FLIGHT,
+    USABLE_BYTES,
 )
 from frugalserve.experts.spec import (
     DEFAULT_MAX_TOKENS,
@@ -81,14 +89,28 @@ def lora_adapters(spec: EngineSpec) -> dict[str, tuple[int, str]]:
     return {n: (k + 1, str(resolve_model_path(spec.adapters[n]))) for k, n in enumerate(names)}
 
 
-def deployment_resources(spec: EngineSpec, cpus: float, name: str = "") -> dict[str, Any]:
-    """Serve deployment options that reserve the GPUs vLLM will use: one GPU per TP rank. TP 1:
-    the replica holds the GPU. TP > 1: a STRICT_PACK placement group, the replica on a CPU bundle
-    (`cpus`) and one single-GPU bundle per rank, which vLLM's Ray executor finds and uses."""
+def deployment_resources(spec: EngineSpec, cpus: float, name: str = "",
+                         gpus: float = 1.0) -> dict[str, Any]:
+    """Serve deployment options that reserve the GPUs vLLM will use. TP 1: the replica holds
+    `gpus` of one GPU (the deployment's `resources.num_gpus`; a fraction lets small experts share a
+    GPU, and then vLLM must be told how much of it to take). TP > 1: one whole GPU per rank, in a
+    STRICT_PACK placement group: the replica on a CPU bundle (`cpus`) and one single-GPU bundle per
+    rank, which vLLM's Ray executor finds and uses."""
     opts = validate_vllm_options(spec.vllm, name)
     tp = opts.tensor_parallel_size or 1
+    where = f"expert {name!r}: " if name else ""
     if tp == 1:
-        return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": 1}}
+        if not 0 < gpus <= 1:
+            raise ValueError(f"{where}a vLLM replica with tensor_parallel_size 1 takes a GPU or a "
+                             f"fraction of one; deployment.resources.num_gpus is {gpus}")
+        if gpus < 1:
+            util = opts.gpu_memory_utilization
+            if opts.kv_cache_memory_bytes is None and (util is None or util > gpus):
+                raise ValueError(
+                    f"{where}deployment.resources.num_gpus {gpus} shares the GPU, but vLLM would take "
+                    f"{util if util is not None else 0.9} of its memory: set engine.vllm."
+                    f"gpu_memory_utilization to at most {gpus}, or engine.vllm.kv_cache_memory_bytes")
+        return {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus}}
     return {
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": 0},
         "placement_group_bundles": [{"CPU": cpus}] + [{"GPU": 1} for _ in range(tp)],
@@ -232,6 +254,43 @@ def kv_memory_stats(*, num_blocks: int, block_size: int, bytes_per_token: int,
     return stats
 
 
+def checkpoint_parameters(folder) -> int:
+    """Parameters in a model folder's safetensors files, read from their headers (no weights
+    loaded): what the default per-token cost of an expert scales with."""
+    import pathlib
+    import struct
+
+    total = 0
+    for f in sorted(pathlib.Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                n = 1
+                for dim in entry["shape"]:
+                    n *= dim
+                total += n
+    return total
+
+
+def kv_load_stats(memory: dict[str, float]) -> dict[str, float]:
+    """The autoscaling signal (`record_autoscaling_stats`) from vLLM's own KV cache: the bytes of
+    the blocks in use, the cache's bytes as the usable bytes (vLLM sized it from its memory share),
+    the tokens those blocks hold, requests running and waiting. Empty until vLLM's scheduler has
+    reported once (Serve then holds the replica count)."""
+    if "kv_cache_usage" not in memory:
+        return {}
+    return {
+        BYTES_IN_USE: memory["kv_cache_usage"] * memory["kv_cache_bytes"],
+        USABLE_BYTES: memory["kv_cache_bytes"],
+        TOKENS_IN_FLIGHT: memory["kv_cache_tokens_used"],
+        REQUESTS_IN_FLIGHT: memory.get("num_running_requests", 0.0)
+        + memory.get("num_waiting_requests", 0.0),
+        KV_BYTES_PER_TOKEN: memory["kv_bytes_per_token"],
+    }
+
+
 @dataclass
 class _SchedulerSnapshot:
     usage: float | None = None
@@ -292,10 +351,14 @@ class VLLMEngine(Engine):
         self._snapshot = snapshot or _SchedulerSnapshot()
         self._tasks: dict[str, list[asyncio.Task]] = {}  # request_id -> its vLLM streams
         self.adapters: dict[str, tuple[int, str]] = {}  # LoRA name -> (vLLM id, folder)
+        self.num_parameters = 0  # from the checkpoint (from_spec): the default cost scales with it
 
     @classmethod
     def from_spec(cls, spec: EngineSpec, name: str) -> VLLMEngine:
+        from frugalserve.kernels.vllm_compat import import_vllm
         from transformers import AutoTokenizer
+
+        import_vllm()  # a supported release, or an error naming them
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -315,6 +378,7 @@ class VLLMEngine(Engine):
                      default_max_tokens=spec.max_tokens_default, attention_backend=backend,
                      snapshot=snapshot)
         engine.adapters = lora_adapters(spec)
+        engine.num_parameters = checkpoint_parameters(spec.model_path)
         logger.info("vLLM engine for %s: %s (attention: %s)", name, kwargs, backend)
         return engine
 
@@ -326,7 +390,7 @@ class VLLMEngine(Engine):
         cfg = self.llm.model_config
         return EngineInfo(
             name=self.name, engine="vllm", batching="continuous", device="cuda",
-            dtype=str(cfg.dtype).removeprefix("torch."), num_parameters=0,
+            dtype=str(cfg.dtype).removeprefix("torch."), num_parameters=self.num_parameters,
             max_context=self._max_context, default_max_tokens=self.default_max_tokens,
             attention={"attention": self.attention_backend}, adapters=tuple(sorted(self.adapters)),
         )
@@ -427,6 +491,9 @@ class VLLMEngine(Engine):
             queue.put_nowait((i, exc))
             return
         queue.put_nowait((i, None))
+
+    def load_stats(self) -> dict[str, float]:
+        return kv_load_stats(self.memory_stats())
 
     def memory_stats(self) -> dict[str, float]:
         from vllm.utils.torch_utils import get_kv_cache_torch_dtype

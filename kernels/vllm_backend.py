@@ -1,4 +1,5 @@
-"""frugalserve's attention kernels as a vLLM attention backend. Targets vLLM 0.33.x (pinned).
+"""frugalserve's attention kernels as a vLLM attention backend, for vLLM 0.24.x and 0.33.x (what
+differs between them lives in `vllm_compat`).
 
 `register()` is the `vllm.general_plugins` entry point: it runs in every vLLM process (engine core,
 workers) and maps `AttentionBackendEnum.CUSTOM` to `FrugalAttentionBackend`; the model then selects
@@ -24,39 +25,27 @@ from dataclasses import dataclass
 import torch
 
 from .checks import HEAD_DIMS_TEXT, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+from .vllm_compat import (
+    SUPPORTED_TEXT,
+    VLLMUnavailableError,
+    import_vllm,
+    kv_cache_shape,
+    split_kv_cache,
+)
 
-VLLM_PIN = "0.33"  # the vLLM minor these classes are written against
+__all__ = ["SUPPORTED_TEXT", "VLLMUnavailableError", "split_kv_cache", "register", "plan_batch",
+           "unsupported_reasons", "write_kv", "attend", "BatchPlan"]
+
 CLASS_PATH = f"{__name__}.FrugalAttentionBackend"
 _CLASSES = ("FrugalAttentionBackend", "FrugalAttentionImpl", "FrugalAttentionMetadata",
             "FrugalAttentionMetadataBuilder")
 _SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 
 
-class VLLMUnavailableError(ImportError):
-    """vLLM is not installed, or not the version this backend targets."""
-
-
-def _import_vllm():
-    try:
-        import vllm
-    except ImportError as exc:
-        raise VLLMUnavailableError(
-            "the frugalserve vLLM attention backend needs vLLM "
-            f"{VLLM_PIN}.x: install it with `pip install 'frugalserve[vllm]'` ({exc})"
-        ) from exc
-    version = getattr(vllm, "__version__", "unknown")
-    if not version.startswith(VLLM_PIN + "."):
-        raise VLLMUnavailableError(
-            f"the frugalserve vLLM attention backend targets vLLM {VLLM_PIN}.x, found {version}; "
-            "the attention-backend interfaces change between minors"
-        )
-    return vllm
-
-
 def register() -> str:
     """The `vllm.general_plugins` entry point. Re-entrant (vLLM calls it in every process).
     Returns the registered class path; raises `VLLMUnavailableError` naming the extra without vLLM."""
-    _import_vllm()
+    import_vllm()
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     current = AttentionBackendEnum.CUSTOM.get_path() if AttentionBackendEnum.CUSTOM.is_overridden() else None
@@ -149,17 +138,6 @@ def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(starts, lengths) + offsets
 
 
-def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM 0.33's per-layer cache is logical [num_blocks, Hkv, block_size, 2 * head_size] (K then V
-    in the last dim; physical strides set by the resolved KV-cache layout). Returns K and V views
-    [num_blocks, block_size, Hkv, head_size], the layout our kernels read (any strides)."""
-    if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_size:
-        raise ValueError(f"kv_cache must be [num_blocks, Hkv, block_size, 2*{head_size}], "
-                         f"got {tuple(kv_cache.shape)}")
-    key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
-    return key_cache, value_cache
-
-
 def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
     """Scatter key/value [T, Hkv, D] into strided caches [num_blocks, block_size, Hkv, D] at flat
     slots `block * block_size + offset`; slots < 0 (padding) are skipped."""
@@ -209,9 +187,9 @@ def __getattr__(name: str):
 
 
 def _define() -> dict:
-    """Build the vLLM classes (needs vLLM 0.33). Module-level names with plain qualnames, so vLLM
-    resolves and pickles them by `CLASS_PATH`."""
-    _import_vllm()
+    """Build the vLLM classes (needs a supported vLLM). Module-level names with plain qualnames, so
+    vLLM resolves and pickles them by `CLASS_PATH`."""
+    _, release = import_vllm()
     from vllm.v1.attention.backend import (
         AttentionBackend,
         AttentionCGSupport,
@@ -290,6 +268,13 @@ def _define() -> dict:
         @classmethod
         def supports_compute_capability(cls, capability) -> bool:
             return capability is None or capability.major >= 8
+
+        if release.backend_sets_kv_shape:  # vLLM 0.24: each backend declares its cache shape
+
+            @staticmethod
+            def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size,
+                                   cache_dtype_str="auto") -> tuple[int, ...]:
+                return kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size)
 
     class FrugalAttentionImpl(AttentionImpl[FrugalAttentionMetadata]):
         def __init__(self, num_heads, head_size, scale, num_kv_heads=None, alibi_slopes=None,

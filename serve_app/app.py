@@ -77,7 +77,8 @@ def expert_deployment_options(expert: ExpertConfig, use_gpus: bool) -> dict[str,
     if expert.local.backend == "vllm":  # vLLM takes whole GPUs, one per tensor-parallel rank
         from frugalserve.experts.vllm_engine import deployment_resources
 
-        res = deployment_resources(expert.local, d.resources.num_cpus, name)
+        res = deployment_resources(expert.local, d.resources.num_cpus, name,
+                                   gpus=d.resources.num_gpus if use_gpus else 1.0)
         actor.update(res.pop("ray_actor_options"))
         options.update(res)
     if d.autoscaling.enabled:

@@ -104,17 +104,23 @@ def expert_metrics():
     }
 
 
+def _add(counter, value: float, tags: dict) -> None:
+    """Ray's counters refuse increments of 0 (a free expert's cost, an empty completion)."""
+    if value > 0:
+        counter.inc(value, tags)
+
+
 def record_outcome(record: dict, finish_reasons: tuple[str, ...] = ()) -> None:
     """Count tokens, cost, escalations and gate choices of one answered request."""
     m = router_metrics()
     for run in record.get("runs", []):
         tags = {"expert": run["expert"]}
-        m["prompt_tokens"].inc(run["prompt_tokens"], tags)
-        m["completion_tokens"].inc(run["completion_tokens"], tags)
-        m["cost"].inc(run["cost"], tags)
+        _add(m["prompt_tokens"], run["prompt_tokens"], tags)
+        _add(m["completion_tokens"], run["completion_tokens"], tags)
+        _add(m["cost"], run["cost"], tags)
         vtags = {"model_name": run["expert"]}
-        m["vllm_prompt_tokens"].inc(run["prompt_tokens"], vtags)
-        m["vllm_generation_tokens"].inc(run["completion_tokens"], vtags)
+        _add(m["vllm_prompt_tokens"], run["prompt_tokens"], vtags)
+        _add(m["vllm_generation_tokens"], run["completion_tokens"], vtags)
     answered = record.get("answered_by")
     for reason in finish_reasons if answered else ():
         m["vllm_success"].inc(1, {"model_name": answered, "finished_reason": reason})

@@ -1,6 +1,6 @@
 """The vLLM engine's pure parts and the vLLM backend's torch parts, without vLLM (CI).
 
-The merging test feeds hand-made outputs shaped like vLLM 0.33's RequestOutput / CompletionOutput /
+The merging test feeds hand-made outputs shaped like vLLM's (0.24 and 0.33 alike) RequestOutput / CompletionOutput /
 Logprob (same attribute names, DELTA mode: each output carries only what is new).
 """
 
@@ -14,7 +14,7 @@ import torch
 from frugalserve.experts import vllm_engine as ve
 from frugalserve.experts.engine import PromptTooLongError, SamplingParams, completion_budget
 from frugalserve.experts.spec import EngineSpec
-from frugalserve.kernels import alibi_slopes, vllm_backend
+from frugalserve.kernels import alibi_slopes, vllm_backend, vllm_compat
 from frugalserve.kernels.reference import attention_reference
 
 NO_VLLM = importlib.util.find_spec("vllm") is None
@@ -91,6 +91,33 @@ def test_deployment_reserves_one_gpu_per_tp_rank():
     assert tp4["ray_actor_options"]["num_gpus"] == 0
     assert tp4["placement_group_bundles"] == [{"CPU": 1.0}] + [{"GPU": 1}] * 4
     assert tp4["placement_group_strategy"] == "STRICT_PACK"
+
+
+def test_fractional_gpu_replica_needs_a_memory_share_that_fits():
+    half = _spec({"gpu_memory_utilization": 0.3})
+    assert ve.deployment_resources(half, 1.0, "small", gpus=0.3)["ray_actor_options"]["num_gpus"] == 0.3
+    by_bytes = _spec({"kv_cache_memory_bytes": 2 << 30})
+    assert ve.deployment_resources(by_bytes, 1.0, gpus=0.1)["ray_actor_options"]["num_gpus"] == 0.1
+    with pytest.raises(ValueError, match=r"'small'.*num_gpus 0.25.*0.9.*gpu_memory_utilization to at most 0.25"):
+        ve.deployment_resources(_spec(), 1.0, "small", gpus=0.25)
+    with pytest.raises(ValueError, match="0.5 of its memory"):
+        ve.deployment_resources(_spec({"gpu_memory_utilization": 0.5}), 1.0, gpus=0.25)
+    with pytest.raises(ValueError, match="num_gpus is 0"):
+        ve.deployment_resources(_spec(), 1.0, gpus=0)
+
+
+def test_supported_releases_and_their_kv_layouts():
+    assert vllm_compat.release_for("0.24.0").kv_layout == "split"
+    assert vllm_compat.release_for("0.33.1").kv_layout == "packed"
+    assert vllm_compat.release_for("0.24.0").backend_sets_kv_shape
+    for other in ("0.25.0", "0.32.1", "0.34.0", "1.0.0", "unknown"):
+        with pytest.raises(vllm_compat.VLLMUnavailableError, match=rf"0.24.x or 0.33.x, found {other}"):
+            vllm_compat.release_for(other)
+    assert vllm_compat.kv_cache_shape(7, 16, 2, 40) == (7, 2, 16, 2, 40)
+    with pytest.raises(ValueError, match="block size 8"):
+        vllm_compat.kv_cache_shape(7, 8, 2, 40)
+    with pytest.raises(ValueError, match=r"got \(3, 4, 5\)"):
+        vllm_compat.split_kv_cache(torch.zeros(3, 4, 5), 40)
 
 
 def test_sampling_kwargs():
@@ -203,13 +230,18 @@ def test_plan_batch_splits_decodes_and_prefills():
     assert plan.prefill_max_q == 3
 
 
-def test_attend_over_vllm_cache_layout_matches_reference(monkeypatch):
-    """The vLLM 0.33 layer cache [blocks, Hkv, block, 2*D] (stored block-major here, as vLLM's
-    default LBNHC layout), written with write_kv, read by attend: GQA 8/2, ALiBi, mixed batch."""
+@pytest.mark.parametrize("release", ["0.24", "0.33"])
+def test_attend_over_vllm_cache_layout_matches_reference(monkeypatch, release):
+    """Each release's layer cache, written with write_kv, read by attend (GQA 8/2, ALiBi, mixed
+    batch): 0.24's [blocks, 2, block, Hkv, D]; 0.33's [blocks, Hkv, block, 2*D], stored block-major
+    as vLLM's default LBNHC layout."""
     monkeypatch.setenv("FRUGALSERVE_ATTENTION", "reference")
     torch.manual_seed(0)
     hq, hkv, d, bs, nblocks = 8, 2, 32, 4, 16
-    kv_cache = torch.zeros(nblocks, bs, hkv, 2 * d).transpose(1, 2)  # logical [B, H, N, 2D]
+    if release == "0.24":
+        kv_cache = torch.zeros(nblocks, 2, bs, hkv, d)
+    else:
+        kv_cache = torch.zeros(nblocks, bs, hkv, 2 * d).transpose(1, 2)  # logical [B, H, N, 2D]
     kc, vc = vllm_backend.split_kv_cache(kv_cache, d)
     batch = [(6, 1), (0, 5), (3, 2)]  # (cached, new)
     tables = torch.tensor([[3, 7, 0, 0], [9, 2, 0, 0], [5, 0, 0, 0]])
@@ -267,3 +299,27 @@ def test_sampling_kwargs_carry_vllms_fields_and_guided_decoding():
     with pytest.raises(UnsupportedFeatureError) as info:
         ve.sampling_kwargs(SamplingParams(n=2), 4)
     assert info.value.param == "n"
+
+
+def test_autoscaling_signal_reads_vllms_kv_cache():
+    from frugalserve.experts import memory
+
+    assert ve.kv_load_stats(ve.kv_memory_stats(num_blocks=100, block_size=16, bytes_per_token=2560)) == {}
+    stats = ve.kv_load_stats(ve.kv_memory_stats(num_blocks=100, block_size=16, bytes_per_token=2560,
+                                                usage=0.25, running=3, waiting=2))
+    assert stats == {memory.BYTES_IN_USE: 0.25 * 1600 * 2560, memory.USABLE_BYTES: 1600 * 2560,
+                     memory.TOKENS_IN_FLIGHT: 400, memory.REQUESTS_IN_FLIGHT: 5,
+                     memory.KV_BYTES_PER_TOKEN: 2560}
+
+
+def test_checkpoint_parameters_read_from_safetensors_headers():
+    from frugalserve.experts.spec import resolve_model_path
+    from safetensors import safe_open
+
+    folder = resolve_model_path("builtin:tier-l")
+    expected = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            expected += sum(st.get_slice(k).get_shape().numel() if hasattr(st.get_slice(k).get_shape(), "numel")
+                            else __import__("math").prod(st.get_slice(k).get_shape()) for k in st.keys())
+    assert ve.checkpoint_parameters(folder) == expected > 1_000_000

@@ -112,3 +112,12 @@ def test_every_series_carries_values_after_a_cascade_a_moe_and_a_stream(app_url,
         assert total(api, native) > 0, native
     assert total(api, "ray_frugalserve_requests_total") > 0
     assert not any(n.startswith(VLLM_EXPORTED) for n, _ in api)
+
+
+def test_a_free_expert_or_an_empty_completion_is_counted_without_error(app_url):
+    """Ray's counters refuse increments of 0: a run that cost nothing (an expert configured with
+    cost 0, or an engine that reports no parameter count) must not fail the request."""
+    from frugalserve.serve_app.metrics import record_outcome
+
+    record_outcome({"runs": [{"expert": "free", "prompt_tokens": 3, "completion_tokens": 0,
+                              "cost": 0.0}], "answered_by": "free"}, ("length",))

@@ -1,11 +1,13 @@
-"""The frugalserve attention backend against the real vLLM (0.33.x): needs the `vllm` extra, so it
-runs in `make test-vllm` (its own venv), never in CI.
+"""The frugalserve attention backend against the real vLLM (0.24.x or 0.33.x): needs the `vllm`
+extra, so it runs in `make test-vllm VLLM=<version>` (one venv per version), never in CI.
 
 On a machine without CUDA it runs on CPU: vLLM is told its platform is the CPU one, and our Triton
 kernels run under TRITON_INTERPRET=1 (float16 only: the interpreter's tl.dot on bfloat16 returns
 garbage). The impl is driven the way vLLM's model runner drives it: a `CommonAttentionMetadata`
 for a mixed batch, our builder's `build`, a KV cache made by vLLM's `create_kv_cache_views`,
-`do_kv_cache_update`, then `forward`, and compared with our PyTorch reference.
+`do_kv_cache_update`, then `forward`, and compared with our PyTorch reference. vLLM 0.33 lays
+the cache out itself (each `KVCacheLayout` is tested); vLLM 0.24 takes the shape the backend
+declares (`get_kv_cache_shape`), viewed over the raw buffer as its model runner does.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ pytest.importorskip("vllm", reason="needs the vllm extra (`make test-vllm`); CI 
 from frugalserve.kernels import alibi_slopes_list  # noqa: E402
 from frugalserve.kernels import vllm_backend as vb  # noqa: E402
 from frugalserve.kernels.reference import attention_reference  # noqa: E402
+from frugalserve.kernels.vllm_compat import RELEASES, release_for  # noqa: E402
 from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
 from vllm.platforms.interface import DeviceCapability  # noqa: E402
 from vllm.v1.attention.backend import (  # noqa: E402
@@ -38,12 +41,15 @@ from vllm.v1.attention.backend import (  # noqa: E402
     CommonAttentionMetadata,
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
-from vllm.v1.kv_cache_interface import (  # noqa: E402
-    FullAttentionSpec,
-    KVCacheLayout,
-    KVCacheTensor,
-    create_kv_cache_views,
-)
+from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
+
+RELEASE = release_for(__import__("vllm").__version__)
+if RELEASE.kv_layout == "packed":
+    from vllm.v1.kv_cache_interface import KVCacheLayout, KVCacheTensor, create_kv_cache_views
+
+    LAYOUTS: list = [KVCacheLayout.LBNHC, KVCacheLayout.LBHNC]
+else:
+    LAYOUTS = ["declared"]  # the backend's get_kv_cache_shape, identity strides
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 BLOCK = 16
@@ -52,15 +58,22 @@ TOL = dict(atol=2e-3, rtol=2e-3)  # float16 vs the float32 reference: see tests/
 
 @pytest.fixture(scope="module")
 def vllm_config():
-    config = VllmConfig()
+    if HAS_CUDA:
+        config = VllmConfig()
+    else:  # the CUDA wheel finds no platform on a CPU machine (0.24 does not infer "cpu")
+        from vllm.config import DeviceConfig
+
+        config = VllmConfig(device_config=DeviceConfig(device="cpu"))
     with set_current_vllm_config(config):
         yield config
 
 
-def test_pinned_minor():
+def test_installed_release_is_supported():
     import vllm
 
-    assert vllm.__version__.startswith(vb.VLLM_PIN + "."), vllm.__version__
+    assert RELEASE is RELEASES[".".join(vllm.__version__.split(".")[:2])]
+    # 0.24 asks each backend for its cache shape; 0.33 has no such method and lays the cache out itself
+    assert hasattr(vb.FrugalAttentionBackend, "get_kv_cache_shape") == RELEASE.backend_sets_kv_shape
 
 
 def test_register_maps_custom_to_our_backend():
@@ -108,11 +121,12 @@ def _validate(**overrides):
 def test_validation_says_what_is_unsupported():
     assert _validate() == []
     assert _validate(head_size=64, dtype=torch.float16, block_size=32) == []
-    assert "head_size not supported" in _validate(head_size=256)
+    assert "head_size not supported" in _validate(head_size=100)
     assert "dtype not supported" in _validate(dtype=torch.float32)
     assert "kv_cache_dtype not supported" in _validate(kv_cache_dtype="fp8")
     assert "block_size not supported" in _validate(block_size=8)
-    assert "sliding window not supported" in _validate(has_sliding_window=True)
+    if "has_sliding_window" in inspect.signature(AttentionBackend.validate_configuration).parameters:
+        assert "sliding window not supported" in _validate(has_sliding_window=True)
     assert "attention sinks not supported" in _validate(has_sink=True)
     assert "MLA not supported" in _validate(use_mla=True)
     assert "compute capability not supported" in _validate(device_capability=DeviceCapability(7, 5))
@@ -129,8 +143,8 @@ def test_impl_refuses_with_reasons(vllm_config):
         _impl(8, 64, 0.125, 2, None, 4096, "auto", None, AttentionType.DECODER, None)
     with pytest.raises(NotImplementedError, match="kv_cache_dtype 'fp8'.*soft-capping"):
         _impl(8, 64, 0.125, 2, None, None, "fp8", 30.0, AttentionType.DECODER, None)
-    with pytest.raises(NotImplementedError, match="head size 256"):
-        _impl(8, 256, 0.0625, 8, None, None, "auto", None, AttentionType.DECODER, None)
+    with pytest.raises(NotImplementedError, match="head size 100"):
+        _impl(8, 100, 0.1, 8, None, None, "auto", None, AttentionType.DECODER, None)
     with pytest.raises(NotImplementedError, match="attention sinks"):
         vb.FrugalAttentionImpl(8, 64, 0.125, 2, None, None, "auto", None, AttentionType.DECODER, None,
                                sinks=torch.zeros(8))
@@ -138,11 +152,14 @@ def test_impl_refuses_with_reasons(vllm_config):
     assert impl.alibi_slopes.dtype == torch.float32 and impl.alibi_slopes.shape == (8,)
 
 
-def _kv_cache(layout: KVCacheLayout, num_blocks: int, num_kv_heads: int, head: int, dtype):
+def _kv_cache(layout, num_blocks: int, num_kv_heads: int, head: int, dtype):
     """One layer's cache exactly as vLLM's worker makes it: a byte buffer viewed per layout."""
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=num_kv_heads, head_size=head, dtype=dtype)
     page = spec.page_size_bytes
     raw = torch.zeros(page * num_blocks, dtype=torch.int8, device=DEVICE)
+    if layout == "declared":  # vLLM 0.24's _reshape_attention_kv_cache with no stride order
+        shape = vb.FrugalAttentionBackend.get_kv_cache_shape(num_blocks, BLOCK, num_kv_heads, head)
+        return spec, raw.view(dtype).view(shape)
     tensor = KVCacheTensor(size=raw.numel(), layers=["layer.0"], layer_stride=page * num_blocks,
                            block_stride=page)
     (cache,) = create_kv_cache_views(raw, spec, num_blocks, layout, tensor)
@@ -155,7 +172,7 @@ BATCH = [(36, 1), (0, 19), (33, 7), (1, 1), (15, 1), (0, 2)]
 
 
 @pytest.mark.parametrize("mode", ["triton", "reference"])
-@pytest.mark.parametrize("layout", [KVCacheLayout.LBNHC, KVCacheLayout.LBHNC])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("heads,alibi", [((8, 2), "local"), ((5, 1), "tp-slice"), ((4, 4), None)])
 def test_forward_mixed_batch_matches_reference(vllm_config, monkeypatch, mode, layout, heads, alibi):
     monkeypatch.setenv("FRUGALSERVE_ATTENTION", mode)
@@ -230,7 +247,7 @@ def test_forward_mixed_batch_matches_reference(vllm_config, monkeypatch, mode, l
 
 def test_profiling_run_without_metadata_zeroes_output(vllm_config):
     impl = _impl(4, 64, 0.125, 4, None, None, "auto", None, AttentionType.DECODER, None)
-    _, kv_cache = _kv_cache(KVCacheLayout.LBNHC, 2, 4, 64, torch.float16)
+    _, kv_cache = _kv_cache(LAYOUTS[0], 2, 4, 64, torch.float16)
     out = torch.ones(3, 4, 64, dtype=torch.float16, device=DEVICE)
     impl.forward(None, out, out, out, kv_cache, None, out)
     assert not out.any()
