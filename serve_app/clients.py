@@ -169,20 +169,25 @@ class HandleClient:
 
     async def generate(self, request: GenerationRequest, timeout_s: float | None = None,
                        ) -> Completion:
-        response = self.handle.generate.remote(self._routed(request))
+        response = None
         try:
+            response = self.handle.generate.remote(self._routed(request))
             return await asyncio.wait_for(response, timeout_s or self.timeout_s)
         except asyncio.CancelledError:
-            response.cancel()
+            if response is not None:
+                response.cancel()
             raise
         except BaseException as exc:  # noqa: BLE001 - mapped to an OpenAI-shaped error
-            if isinstance(exc, asyncio.TimeoutError):
+            if isinstance(exc, asyncio.TimeoutError) and response is not None:
                 response.cancel()  # nobody waits for it any more: free its batch slot
             raise expert_error(exc, self.name, prompt_param(request)) from None
 
     async def stream(self, request: GenerationRequest, timeout_s: float | None = None,
                      ) -> ExpertStream:
-        gen = self.handle.options(stream=True).generate_stream.remote(self._routed(request))
+        try:
+            gen = self.handle.options(stream=True).generate_stream.remote(self._routed(request))
+        except BaseException as exc:  # noqa: BLE001 - e.g. Serve's backpressure, at once
+            raise expert_error(exc, self.name, prompt_param(request)) from None
         try:
             first = await asyncio.wait_for(anext(gen), timeout_s or self.timeout_s)
         except StopAsyncIteration:
