@@ -66,6 +66,15 @@ def timed_out(expert: str) -> APIError:
                     code="expert_timeout")
 
 
+async def first_token(gen: AsyncIterator[StreamDelta]) -> StreamDelta:
+    """The first delta with text (or the last one): until it has arrived the client has seen
+    nothing, so a failure is still retried."""
+    delta = await anext(gen)
+    while not delta.text and delta.completion is None:
+        delta = await anext(gen)
+    return delta
+
+
 class ExpertStream:
     """One expert's deltas for one request, opened: the first delta has already arrived, so an
     error before it is still an HTTP error. Iterating yields every delta, the first included;
@@ -189,7 +198,7 @@ class HandleClient:
         except BaseException as exc:  # noqa: BLE001 - e.g. Serve's backpressure, at once
             raise expert_error(exc, self.name, prompt_param(request)) from None
         try:
-            first = await asyncio.wait_for(anext(gen), timeout_s or self.timeout_s)
+            first = await asyncio.wait_for(first_token(gen), timeout_s or self.timeout_s)
         except StopAsyncIteration:
             raise APIError(503, f"expert {self.name!r} ended the stream without output",
                            type="server_error", code="expert_unavailable") from None

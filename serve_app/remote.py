@@ -39,6 +39,7 @@ class RemoteClient:
         spec = self.spec
         self.timeout_s = spec.timeout_s
         self.breaker = CircuitBreaker(spec.allowed_fails, spec.cooldown_s)
+        self.last_error = ""  # what the last failed call said (in the breaker's refusals)
         key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else ""
         self._client = openai.AsyncOpenAI(
             base_url=spec.base_url.rstrip("/"), api_key=key or "unused",
@@ -57,9 +58,9 @@ class RemoteClient:
         if not allowed:
             wait = self.breaker.retry_in_s()
             raise APIError(503, f"remote expert {self.name!r} is cooling down after "
-                           f"{self.breaker.failures} failed calls in a row; next call in "
-                           f"{wait:.1f} s", type="server_error", code="expert_unavailable",
-                           retry_after=max(1, math.ceil(wait)))
+                           f"{self.breaker.failures} failed calls in a row (the last: "
+                           f"{self.last_error}); next call in {wait:.1f} s", type="server_error",
+                           code="expert_unavailable", retry_after=max(1, math.ceil(wait)))
 
     @contextlib.contextmanager
     def _call(self, request: GenerationRequest) -> Iterator[None]:
@@ -72,6 +73,7 @@ class RemoteClient:
             error = self._error(exc, request)
             if error.code in BREAKER_CODES:
                 self.breaker.failure(_retry_after(getattr(exc, "response", None), 0))
+                self.last_error = error.message
             else:
                 self.breaker.success()  # it answered: the request was what it refused
             self._publish()

@@ -39,8 +39,9 @@ ANSWER = "a flaky but correct answer"
 
 class FlakyProvider:
     """An OpenAI-compatible chat endpoint on loopback. `mode`: "ok", one of "500", "429",
-    "timeout", "reset" (every call fails that way), or "random" (a share `fault_rate` of calls
-    fail, cycling through `FAULTS`)."""
+    "timeout", "reset" (every call fails that way), "stall" (a stream stops after its first
+    word; a plain call hangs), or "random" (a share `fault_rate` of calls fail, cycling through
+    `FAULTS`)."""
 
     def __init__(self, mode: str = "ok", fault_rate: float = 0.3, hang_s: float = 30.0,
                  seed: int = 0):
@@ -66,7 +67,9 @@ class FlakyProvider:
                     return self._json(429, {"error": {"message": "rate limited", "type":
                                                       "requests", "param": None, "code": None}},
                                       {"Retry-After": "3"})
-                if kind == "timeout":
+                if kind == "stall" and body.get("stream"):
+                    return self._stream(body, stall=True)
+                if kind in ("timeout", "stall"):
                     time.sleep(provider.hang_s)
                     self.close_connection = True
                     return None
@@ -85,7 +88,7 @@ class FlakyProvider:
                                  "message": {"role": "assistant", "content": ANSWER}}],
                     "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}})
 
-            def _stream(self, body):
+            def _stream(self, body, stall: bool = False):
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
@@ -95,6 +98,10 @@ class FlakyProvider:
                 for word in ANSWER.split():
                     self._event({**head, "choices": [{"index": 0, "delta": {"content": word + " "},
                                                       "finish_reason": None}]})
+                    if stall:
+                        time.sleep(provider.hang_s)
+                        self.close_connection = True
+                        return
                 self._event({**head, "choices": [{"index": 0, "delta": {},
                                                   "finish_reason": "stop"}]})
                 self._event({**head, "choices": [], "usage": {

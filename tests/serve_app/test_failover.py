@@ -10,6 +10,7 @@ remote expert on the same stub with no fallback.
 from __future__ import annotations
 
 import copy
+import json
 import time
 
 import httpx
@@ -145,6 +146,21 @@ def test_the_deadline_ends_a_request_with_a_504_that_names_it(app, provider):
     provider.mode = "ok"
 
 
+def test_a_stream_that_stalls_after_its_first_token_ends_with_an_error_and_done(app, provider):
+    provider.mode = "stall"
+    with httpx.Client(base_url=app, timeout=30) as c:
+        started = time.monotonic()
+        data = events(c, chat("flaky", stream=True))
+        took = time.monotonic() - started
+    provider.mode = "ok"
+    # its first word came through: no retry after that
+    assert json.loads(data[1])["choices"][0]["delta"]["content"] == "a "
+    error = json.loads(data[-2])["error"]
+    assert (error["type"], error["code"]) == ("timeout", "expert_timeout"), data
+    assert data[-1] == "[DONE]"
+    assert took < 4  # remote.timeout_s is the longest gap between tokens
+
+
 def test_a_bad_request_is_not_retried(app, provider):
     with httpx.Client(base_url=app, timeout=30) as c:
         r = c.post("/v1/chat/completions", json=chat("flaky", top_k=3))
@@ -168,3 +184,21 @@ def test_chaos_small(app, provider, tmp_path):
     assert all(met.values()), (met, report)
     assert report["kills"] == 1 and report["sent"] > 20 and report["after_last_fault"]["sent"]
     assert report["retried"] > 0
+
+
+def test_failover_is_counted(app, metrics_url):
+    from tests.serve_app.test_metrics import present, total, wait_for
+
+    def missing(s) -> list[str]:
+        wanted = {
+            "retries": total(s, "ray_frugalserve_retries_total", expert="flaky",
+                             code="expert_unavailable"),
+            "fallbacks": total(s, "ray_frugalserve_fallbacks_total", expert="flaky",
+                               fallback="demo-llama"),
+            "stream errors": total(s, "ray_frugalserve_stream_errors_total", expert="flaky",
+                                   code="expert_timeout"),
+        }
+        gaps = [k for k, v in wanted.items() if v <= 0]
+        return gaps + ([] if present(s, "ray_frugalserve_circuit_state") else ["circuit state"])
+
+    wait_for(metrics_url, missing, bound_s=60)
