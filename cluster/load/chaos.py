@@ -304,6 +304,7 @@ def analyse(records: list[dict], faults: Faults, started: float, plan: ChaosPlan
         "failed_streams": sum(1 for r in failed if r["stream"]),
         "failed_streams_after_tokens": sum(1 for r in failed if r["stream"] and r["tokens"] > 0),
         "retried": sum(1 for r in records if r["retries"]),
+        "retries_by_cause": _count(x for r in records for x in r.get("retried", [])),
         "answered_by": _count(r["answered_by"] for r in records if r["ok"]),
         "hung": sum(1 for r in records if r["t1"] - r["t0"] > plan.deadline_s + 2),
         "latency_ms": {
@@ -363,6 +364,7 @@ def format_report(report: dict) -> str:
         f"of which after tokens {report['failed_streams_after_tokens']})  retried "
         f"{report['retried']}  hung {report['hung']}",
         *[f"  failed: {k} x{v}" for k, v in report["failed_by_kind"].items()],
+        f"  failed attempts retried, by expert and code: {report['retries_by_cause']}",
         f"  latency steady         p50 {lat['steady']['p50']} ms  p99 {lat['steady']['p99']} ms"
         f"  (n={lat['steady']['n']})",
         f"  latency during faults  p50 {lat['during_faults']['p50']} ms  p99 "

@@ -15,8 +15,8 @@ or an expert: every id `/v1/models` lists, or `--fs-models`) and streaming or no
 
 With `--fs-request-log FILE` each request also appends one JSON line to FILE: `t0` / `t1` (wall
 clock), `model`, `stream`, `ok`, `status`, `error` (`http_<status>:<code>`, `stream:<code>`,
-`no_response`, ...), `tokens` (content chunks received, also before a failure), `retries` (the
-routing record's) and `answered_by`: what the chaos run (`cluster/load/chaos.py`) reads.
+`no_response`, ...), `tokens` (content chunks received, also before a failure), `retries` (how
+many attempts failed, from the routing record), `retried` (each as "expert code") and `answered_by`: what the chaos run (`cluster/load/chaos.py`) reads.
 
 Use headless through `python -m frugalserve.cluster.load.run`, or with locust's own CLI / web UI:
 `locust -f cluster/load/locustfile.py --host http://127.0.0.1:8000`.
@@ -166,6 +166,7 @@ class ChatUser(HttpUser):
                 "t0": t0, "t1": time.time(), "model": model, "stream": stream,
                 "ok": seen["error"] is None, "status": resp.status_code, "error": seen["error"],
                 "tokens": seen["tokens"], "retries": len(rec.get("retries", [])),
+                "retried": [f"{x.get('expert')} {x.get('code')}" for x in rec.get("retries", [])],
                 "answered_by": rec.get("answered_by")}) + "\n")
             self.log.flush()
 
