@@ -311,6 +311,13 @@ def analyse(records: list[dict], faults: Faults, started: float, plan: ChaosPlan
             name: {"p50": _pct(v, 0.5), "p99": _pct(v, 0.99), "n": len(v)}
             for name, v in ok_latency.items()},
         "p99_ratio": round(p99_during / p99_steady, 2) if p99_steady and p99_during else None,
+        "latency_ms_by_model": {
+            model: {name: {"p50": _pct(v, 0.5), "p99": _pct(v, 0.99), "n": len(v)}
+                    for name, v in (("steady", [r["t1"] - r["t0"] for r in steady if r["ok"]
+                                                 and r["model"] == model]),
+                                    ("during_faults", [r["t1"] - r["t0"] for r in during
+                                                       if r["ok"] and r["model"] == model]))}
+            for model in plan.models.split(",")},
         "after_last_fault": {"sent": len(after), "failed": sum(1 for r in after if not r["ok"])},
     }
 
@@ -370,6 +377,9 @@ def format_report(report: dict) -> str:
         f"  latency during faults  p50 {lat['during_faults']['p50']} ms  p99 "
         f"{lat['during_faults']['p99']} ms  (n={lat['during_faults']['n']})  p99 ratio "
         f"{report['p99_ratio']}",
+        *[f"    {m:<12} steady p50 {v['steady']['p50']} / p99 {v['steady']['p99']} ms, during "
+          f"faults p50 {v['during_faults']['p50']} / p99 {v['during_faults']['p99']} ms"
+          for m, v in report["latency_ms_by_model"].items()],
         f"  after the last fault: {report['after_last_fault']['sent']} requests, "
         f"{report['after_last_fault']['failed']} failed; check {report['after_check']}",
     ]
