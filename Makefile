@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 CONFIG ?= configs/local.yaml
 
-.PHONY: run test test-vllm lint typecheck load bench-serving clean
+.PHONY: run test test-vllm lint typecheck load chaos bench-serving clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ LOAD_OUT ?= out/load
 load: $(VENV)/.installed
 	$(BIN)/python -m frugalserve.cluster.load.run $(if $(LOAD_HOST),--host $(LOAD_HOST),--serve $(CONFIG)) \
 		--users $(LOAD_USERS) --spawn-rate $(LOAD_USERS) --run-time $(LOAD_TIME) --out $(LOAD_OUT)
+
+CHAOS_ARGS ?=
+
+# Replicas killed and a remote expert failing under steady load, on loopback; the report and the
+# targets in benchmarks/results/chaos-cpu.json (docs/benchmarks.md). CI runs a small one
+# (tests/serve_app/test_failover.py).
+chaos: $(VENV)/.installed
+	$(BIN)/python benchmarks/chaos.py $(CHAOS_ARGS)
 
 VLLM ?= 0.33.0
 VLLM_VENV := .venv-vllm-$(VLLM)

@@ -30,7 +30,13 @@ class RouterConfig(BaseModel):
         256, ge=1, description="requests one router replica holds at once"
     )
     request_timeout_s: float = Field(
-        300.0, gt=0, description="longest a request may take end to end before a 504"
+        300.0, gt=0, description="the request's deadline: longest it may take end to end, "
+        "retries included, before a 504 `deadline_exceeded`"
+    )
+    max_retries: int = Field(
+        2, ge=0, le=10, description="further attempts of a request whose expert failed before "
+        "sending anything (another replica, then its fallbacks or the policy's next choice), "
+        "within the deadline; 0: none"
     )
     max_queued_requests: int = Field(
         1024, ge=-1, description="requests waiting for a router replica before the proxy "
@@ -116,6 +122,9 @@ class ExpertConfig(BaseModel):
     cost_per_1k_completion: float | None = Field(
         None, ge=0, description="cost units per 1k completion tokens; default: from parameter count"
     )
+    fallbacks: list[str] = Field(
+        default_factory=list, description="experts that answer, in this order, when this one "
+        "fails before sending anything (after a retry on another replica)")
 
     @model_validator(mode="before")
     @classmethod
@@ -195,6 +204,11 @@ class AppConfig(BaseModel):
         if self.routing.artifact is not None:
             self._check_artifact(names)
         self._check_aliases(names, models)
+        for e in self.experts:
+            wrong = [f for f in e.fallbacks if f not in names or f == e.name]
+            if wrong:
+                raise ValueError(f"experts.{e.name}.fallbacks: {wrong} are not other experts of "
+                                 f"this config: {names}")
         return self
 
     def _check_aliases(self, names: list[str], models: list[str]) -> None:

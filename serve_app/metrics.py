@@ -40,6 +40,15 @@ def router_metrics():
                                tag_keys=("policy",)),
         "gate_choice": Counter("frugalserve_gate_choice", "experts the MoE gate chose",
                                tag_keys=("expert",)),
+        "retries": Counter("frugalserve_retries", "attempts retried after the expert failed "
+                           "before sending anything, by that expert and the error's code",
+                           tag_keys=("expert", "code")),
+        "fallbacks": Counter("frugalserve_fallbacks", "requests answered by another expert "
+                             "than the first candidate", tag_keys=("expert", "fallback")),
+        "stream_errors": Counter("frugalserve_stream_errors", "streams ended by an in-band "
+                                 "error after their first token", tag_keys=("expert", "code")),
+        "circuit_state": Gauge("frugalserve_circuit_state", "a remote expert's circuit breaker: "
+                               "0 closed, 1 half open, 2 open", tag_keys=("expert",)),
         "ttft": Histogram("frugalserve_time_to_first_token_seconds",
                           "time from request to the first streamed token",
                           boundaries=LATENCY_BUCKETS, tag_keys=("model",)),

@@ -29,6 +29,7 @@ async def model_entries(router) -> list[dict[str, Any]]:
             "cost_per_1k_completion": info["cost_per_1k_completion"],
             "engine": info["engine"], "batching": info["batching"], "attention": info["attention"],
             **({"adapter_of": info["adapter_of"]} if "adapter_of" in info else {}),
+            **({"circuit": info["circuit"]} if "circuit" in info else {}),  # a remote's breaker
         }, info["max_context"]))
     if router.policies is not None:
         art = router.policies.art

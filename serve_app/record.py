@@ -66,6 +66,11 @@ class RoutingRecord:
         self.answered_by = expert
         return run
 
+    def note_retries(self, retries: list[dict[str, Any]]) -> None:
+        """The attempts that failed before one answered (expert, status, code, when)."""
+        if retries:
+            self.details["retries"] = list(retries)
+
     @property
     def cost(self) -> float:
         return sum(r.cost for r in self.runs)
@@ -100,3 +105,4 @@ class Outcome:
     record: RoutingRecord
     completion: Completion | None = None
     stream_from: str | None = None
+    alternatives: tuple[str, ...] = ()  # who streams if `stream_from` fails (the gate's next)

@@ -8,32 +8,81 @@ variable and never reaches logs. What the endpoint accepts is configured per exp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
+import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import openai
 from frugalserve.experts.engine import Completion, GenerationRequest, SamplingParams, StreamDelta
-from frugalserve.serve_app.clients import ExpertStream, expert_error, prompt_param
+from frugalserve.serve_app.breaker import STATE_VALUES, CircuitBreaker
+from frugalserve.serve_app.clients import ExpertStream, expert_error, prompt_param, timed_out
 from frugalserve.serve_app.config import ExpertConfig
 from frugalserve.serve_app.errors import APIError
+from frugalserve.serve_app.metrics import router_metrics
 
 VLLM_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids")
 _NEUTRAL = SamplingParams()
 
 
+# what opens the breaker: the endpoint failed, not the request (a 400 leaves it as it is)
+BREAKER_CODES = frozenset({"expert_unavailable", "expert_timeout", "rate_limit_exceeded"})
+
+
 class RemoteClient:
-    def __init__(self, expert: ExpertConfig, timeout_s: float):
+    def __init__(self, expert: ExpertConfig, deadline_s: float):
         assert expert.remote is not None  # make_clients gives this client remote experts only
-        self.expert, self.spec, self.name, self.timeout_s = expert, expert.remote, expert.name, timeout_s
+        self.expert, self.spec, self.name = expert, expert.remote, expert.name
         spec = self.spec
+        self.timeout_s = spec.timeout_s
+        self.breaker = CircuitBreaker(spec.allowed_fails, spec.cooldown_s)
+        self.last_error = ""  # what the last failed call said (in the breaker's refusals)
         key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else ""
         self._client = openai.AsyncOpenAI(
             base_url=spec.base_url.rstrip("/"), api_key=key or "unused",
-            timeout=openai.Timeout(timeout_s, connect=spec.connect_timeout_s),
+            timeout=openai.Timeout(spec.timeout_s or deadline_s, connect=spec.connect_timeout_s),
             max_retries=spec.max_retries)
+        self._publish()
+
+    def _publish(self) -> None:
+        router_metrics()["circuit_state"].set(STATE_VALUES[self.breaker.state],
+                                              {"expert": self.name})
+
+    def _admit(self) -> None:
+        """Refuse at once while the breaker is open (the request moves to its fallback)."""
+        allowed = self.breaker.allow()
+        self._publish()
+        if not allowed:
+            wait = self.breaker.retry_in_s()
+            raise APIError(503, f"remote expert {self.name!r} is cooling down after "
+                           f"{self.breaker.failures} failed calls in a row (the last: "
+                           f"{self.last_error}); next call in {wait:.1f} s", type="server_error",
+                           code="expert_unavailable", retry_after=max(1, math.ceil(wait)))
+
+    @contextlib.contextmanager
+    def _call(self, request: GenerationRequest) -> Iterator[None]:
+        """One call to the endpoint: refused while the breaker is open, its outcome counted;
+        what it raised becomes an `APIError`."""
+        self._admit()
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI-shaped error
+            error = self._error(exc, request)
+            if error.code in BREAKER_CODES:
+                self.breaker.failure(_retry_after(getattr(exc, "response", None), 0))
+                self.last_error = error.message
+            else:
+                self.breaker.success()  # it answered: the request was what it refused
+            self._publish()
+            raise error from None
+        except BaseException:
+            self.breaker.trial = False  # cancelled: this call decides nothing
+            raise
+        self.breaker.success()
+        self._publish()
 
     async def info(self) -> dict[str, Any]:
         e, s = self.expert, self.spec
@@ -43,7 +92,7 @@ class RemoteClient:
             "num_parameters": 0, "cost_per_1k_prompt": e.cost_per_1k_prompt,
             "cost_per_1k_completion": e.cost_per_1k_completion,
             "batching": "remote", "attention": {"attention": "remote"},
-            "description": e.description,
+            "description": e.description, "circuit": self.breaker.as_dict(),
         }
 
     # -- the request ------------------------------------------------------------------------
@@ -99,35 +148,35 @@ class RemoteClient:
 
     # -- calls ------------------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> Completion:
+    async def generate(self, request: GenerationRequest, timeout_s: float | None = None,
+                       ) -> Completion:
         body = self.body(request)
         api = self._client.chat.completions if request.messages is not None else self._client.completions
-        try:
-            data = await api.create(**body)
-        except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI-shaped error
-            raise self._error(exc, request) from None
+        with self._call(request):
+            data = await asyncio.wait_for(api.create(**body), timeout_s or self.timeout_s)
         return completion(data.model_dump(), chat=request.messages is not None)
 
-    async def stream(self, request: GenerationRequest) -> ExpertStream:
+    async def stream(self, request: GenerationRequest, timeout_s: float | None = None,
+                     ) -> ExpertStream:
         if request.tools:  # tool-call deltas are not re-assembled: answered whole
-            return ExpertStream.whole(self.name, await self.generate(request))
+            return ExpertStream.whole(self.name, await self.generate(request, timeout_s))
         body = self.body(request, stream=True)
         chat = request.messages is not None
         api = self._client.chat.completions if chat else self._client.completions
-        try:
-            upstream = await api.create(**body)
-            gen = _deltas(upstream, chat, request.params.n)
-            first = await asyncio.wait_for(anext(gen), self.timeout_s)
-        except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI-shaped error
-            raise self._error(exc, request) from None
+
+        async def opened() -> tuple[AsyncIterator[StreamDelta], StreamDelta]:
+            gen = _deltas(await api.create(**body), chat, request.params.n)
+            return gen, await anext(gen)
+
+        with self._call(request):
+            gen, first = await asyncio.wait_for(opened(), timeout_s or self.timeout_s)
         return ExpertStream(self.name, first, gen, lambda: None, self.timeout_s)
 
     def _error(self, exc: BaseException, request: GenerationRequest) -> APIError:
         if isinstance(exc, APIError):
             return exc
         if isinstance(exc, openai.APITimeoutError):
-            return APIError(504, f"remote expert {self.name!r} did not answer in time",
-                            type="timeout")
+            return timed_out(self.name)
         if isinstance(exc, openai.APIConnectionError):
             return APIError(503, f"remote expert {self.name!r} at {self.spec.base_url} is "
                             f"unreachable: {type(exc.__cause__ or exc).__name__}", type="server_error",
@@ -141,7 +190,7 @@ class RemoteClient:
             if 400 <= status < 500:
                 return APIError(400, detail, param=_param(exc), code="upstream_rejected")
             return APIError(503, detail, type="server_error", code="expert_unavailable",
-                            retry_after=1)
+                            retry_after=_retry_after(exc.response))
         return expert_error(exc, self.name, prompt_param(request))
 
     async def aclose(self) -> None:
@@ -159,11 +208,13 @@ def response_format(p: SamplingParams) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": schema}
 
 
-def _retry_after(response: Any) -> int:
+def _retry_after(response: Any, default: int = 1) -> int:
+    """The endpoint's `Retry-After` in whole seconds (at least 1), or `default` without one."""
+    value = (response.headers if response is not None else {}).get("retry-after")
     try:
-        return max(1, int(float((response.headers if response is not None else {}).get("retry-after", 1))))
+        return default if value is None else max(1, math.ceil(float(value)))
     except ValueError:
-        return 1
+        return default
 
 
 def _param(exc: openai.APIStatusError) -> str | None:

@@ -8,8 +8,10 @@ routing policy (`moe`, `cascade`, with options: `cascade:budget=0.02`, see namin
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any, Literal
+from collections.abc import Awaitable
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -18,7 +20,9 @@ from frugalserve.serve_app import naming
 from frugalserve.serve_app.auth import load_keys
 from frugalserve.serve_app.clients import ExpertClient, HandleClient
 from frugalserve.serve_app.config import AppConfig
+from frugalserve.serve_app.deadline import RequestBudget
 from frugalserve.serve_app.errors import APIError, install_error_handlers
+from frugalserve.serve_app.failover import Failover
 from frugalserve.serve_app.metrics import StreamTimer, application_metrics, record_outcome
 from frugalserve.serve_app.middleware import RouterMiddleware
 from frugalserve.serve_app.models import model_entries
@@ -40,17 +44,18 @@ from frugalserve import __version__
 
 Body = ChatCompletionRequest | CompletionRequest
 Kind = Literal["expert", "policy"]
+T = TypeVar("T")
 
 
 def make_clients(config: AppConfig, handles: dict[str, Any]) -> dict[str, ExpertClient]:
     """One client per model id: local experts and their LoRA adapters through their deployment's
     handle, remote experts over HTTP."""
-    timeout = config.router.request_timeout_s
     clients: dict[str, ExpertClient] = {}
     for expert in config.experts:
         if expert.is_remote:
-            clients[expert.name] = RemoteClient(expert, timeout)
+            clients[expert.name] = RemoteClient(expert, config.router.request_timeout_s)
             continue
+        timeout = expert.deployment.timeout_s
         clients[expert.name] = HandleClient(expert.name, handles[expert.name], timeout)
         for adapter in expert.adapters:
             clients[adapter] = HandleClient(adapter, handles[expert.name], timeout, adapter=adapter)
@@ -64,9 +69,11 @@ class Router:
         router = self.config.router
         self.api_keys = load_keys(router.api_keys_env, router.api_keys_file)
         self.clients = make_clients(self.config, experts)
+        self.failover = Failover(self.clients, self.config)
         self.names = self.config.model_ids()
         art = self.config.artifact  # loaded once, by the validation above
-        self.policies = None if art is None else Policies(self.config.routing, art, self.clients)
+        self.policies = None if art is None else Policies(self.config.routing, art, self.clients,
+                                                          self.failover)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """The HTTP API, built in the replica so that its middleware holds this router's keys."""
@@ -128,16 +135,23 @@ class Router:
                        param=param, code="model_not_found")
 
     async def _outcome(self, kind: Kind, name: str, request: GenerationRequest, body: Body,
-                       options: RoutingOptions | None, header: str | None) -> Outcome:
+                       options: RoutingOptions | None, header: str | None,
+                       budget: RequestBudget) -> Outcome:
         if kind == "policy" and self.policies is not None:
-            return await self.policies.run(name, request, options, header, body.stream)
+            return await self.policies.run(name, request, options, header, body.stream, budget)
         rec = RoutingRecord(policy="direct")
         if body.stream:
             return Outcome(rec, stream_from=name)
-        client = self.clients[name]
-        c = await client.generate(request)
-        rec.add(name, c, Prices.of(await client.info()))
+        expert, c = await self.failover.generate(self.failover.chain(name), request, budget)
+        rec.add(expert, c, Prices.of(await self.clients[expert].info()))
         return Outcome(rec, completion=c)
+
+    async def _within(self, budget: RequestBudget, call: Awaitable[T]) -> T:
+        """`call`, given up with a 504 `deadline_exceeded` when the request's time is up."""
+        try:
+            return await asyncio.wait_for(call, max(0.0, budget.remaining()))
+        except asyncio.TimeoutError:
+            raise budget.expired() from None
 
     def _finish(self, kind: Kind, request: GenerationRequest, header: str | None,
                 rec: RoutingRecord, c: Completion) -> None:
@@ -196,21 +210,27 @@ class Router:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         b = ResponseBuilder(request.request_id, now(), chat=chat, logprobs=bool(body.logprobs),
                             include_usage=usage)
-        outcome = await self._outcome(kind, name, request, body, options, header)
+        budget = RequestBudget(self.config.router.request_timeout_s, self.config.router.max_retries)
+        outcome = await self._within(budget, self._outcome(kind, name, request, body, options,
+                                                           header, budget))
 
         def finish(rec: RoutingRecord, c: Completion) -> None:
             self._finish(kind, request, header, rec, c)
 
         if outcome.stream_from is not None:
-            timer.expert = outcome.stream_from
-            client = self.clients[outcome.stream_from]
-            prices = Prices.of(await client.info())
-            stream = await client.stream(request)  # the first delta is here: errors are still 4xx/5xx
+            # the first delta is in when this returns: until then, errors are still 4xx/5xx and
+            # a failed attempt is retried
+            candidates = self.failover.chain(outcome.stream_from, *outcome.alternatives)
+            stream = await self._within(budget, self.failover.stream(candidates, request, budget))
+            outcome.record.note_retries(budget.retries)
+            timer.expert = stream.expert
+            prices = Prices.of(await self.clients[stream.expert].info())
             events = live_events(b, stream, outcome.record, prices, timer, finish, body.n)
             # who answers is known; the cost is not until the stream ends (its last chunk has it)
             headers = routing_headers(outcome.record, stream.expert, cost=False)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         assert outcome.completion is not None
+        outcome.record.note_retries(budget.retries)
         timer.expert = outcome.record.answered_by
         finish(outcome.record, outcome.completion)
         headers = routing_headers(outcome.record, outcome.record.answered_by)

@@ -79,6 +79,11 @@ class DeploymentSpec(BaseModel):
     health_check_timeout_s: float = Field(
         30.0, gt=0, description="a health check that takes longer marks the replica unhealthy"
     )
+    timeout_s: float | None = Field(
+        None, gt=0, description="longest one call to a replica may take (a stream: until its "
+        "first token, and each gap between tokens) before it is abandoned and retried; default: "
+        "the request's deadline"
+    )
 
 
 class RemoteSpec(BaseModel):
@@ -96,6 +101,18 @@ class RemoteSpec(BaseModel):
     max_retries: int = Field(
         2, ge=0, le=10, description="retries of a failed call (connection errors, 408, 409, 429, "
         "5xx) with exponential backoff that honours the endpoint's Retry-After"
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, description="longest one call may take (a stream: until its first token, and "
+        "each gap between tokens), its retries included; default: the request's deadline"
+    )
+    allowed_fails: int = Field(
+        3, ge=1, le=100, description="failed calls in a row (unreachable, 5xx, 429, timeout) "
+        "that open the circuit breaker"
+    )
+    cooldown_s: float = Field(
+        30.0, gt=0, description="how long an open breaker skips the endpoint (at least its "
+        "Retry-After) before one trial call decides whether it closes"
     )
     logprobs: bool = Field(
         True, description="the endpoint returns logprobs (asked for, so the cascade can score the "

@@ -16,7 +16,7 @@ from typing import Any
 from frugalserve.experts.engine import Completion
 from frugalserve.serve_app.clients import ExpertStream
 from frugalserve.serve_app.errors import APIError
-from frugalserve.serve_app.metrics import StreamTimer
+from frugalserve.serve_app.metrics import StreamTimer, router_metrics
 from frugalserve.serve_app.record import Prices, RoutingRecord
 
 DONE = "[DONE]"
@@ -170,10 +170,13 @@ async def live_events(b: ResponseBuilder, stream: ExpertStream, rec: RoutingReco
             for event in b.closing(expert, delta.text, c, rec, delta.index):
                 yield event
             finish(rec, c)
-    except APIError as exc:
-        yield sse(exc.body())
     except (asyncio.CancelledError, GeneratorExit):
         stream.cancel()  # the client went away: free its place in the expert's batch
         raise
+    except Exception as exc:  # noqa: BLE001 - a stream always ends with an error event and [DONE]
+        error = exc if isinstance(exc, APIError) else APIError(
+            500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        router_metrics()["stream_errors"].inc(1, {"expert": expert, "code": str(error.code)})
+        yield sse(error.body())
     yield sse(DONE)
     timer.done()

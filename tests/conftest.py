@@ -186,7 +186,7 @@ def app_url(serve_http, demo_router, demo_adapter, stub_provider):
                     "vllm_sampling": True}},
         {"name": "dead", "cost_per_1k_prompt": 1.0, "cost_per_1k_completion": 1.0,
          "remote": {"base_url": f"http://127.0.0.1:{free_port()}/v1", "connect_timeout_s": 2,
-                    "max_retries": 0}},
+                    "max_retries": 0, "allowed_fails": 100}},  # its breaker: test_failover.py
         {"name": "flaky", "cost_per_1k_prompt": 1.0, "cost_per_1k_completion": 1.0,
          "remote": {"base_url": stub_provider.url, "model": "stub-model", "logprobs": False,
                     "max_tokens_field": "max_completion_tokens", "max_retries": 2}},

@@ -13,6 +13,11 @@ or an expert: every id `/v1/models` lists, or `--fs-models`) and streaming or no
   LLMPerf's per-request average). A held answer (cascade, which streams once a tier is accepted)
   comes as one chunk and adds none.
 
+With `--fs-request-log FILE` each request also appends one JSON line to FILE: `t0` / `t1` (wall
+clock), `model`, `stream`, `ok`, `status`, `error` (`http_<status>:<code>`, `stream:<code>`,
+`no_response`, ...), `tokens` (content chunks received, also before a failure), `retries` (how
+many attempts failed, from the routing record), `retried` (each as "expert code") and `answered_by`: what the chaos run (`cluster/load/chaos.py`) reads.
+
 Use headless through `python -m frugalserve.cluster.load.run`, or with locust's own CLI / web UI:
 `locust -f cluster/load/locustfile.py --host http://127.0.0.1:8000`.
 """
@@ -43,6 +48,10 @@ def _options(parser) -> None:
     group.add_argument("--fs-budget", type=float, default=None,
                        help="frugalserve.budget (cost units) sent with policy requests")
     group.add_argument("--fs-seed", type=int, default=None, help="seed for prompts and choices")
+    group.add_argument("--fs-request-log", default="", help="write one JSON line per request "
+                       "(times, outcome, error kind, tokens seen, retries) to this file")
+    group.add_argument("--fs-timeout", type=float, default=None,
+                       help="client timeout per request in seconds (default: none)")
 
 
 # -- prompts ---------------------------------------------------------------------------------
@@ -71,6 +80,13 @@ def make_prompt(rng: random.Random) -> tuple[str, str]:
     return domain, sample(domain, rng).prompt
 
 
+def _code(resp) -> str | None:
+    try:
+        return resp.json()["error"]["code"]
+    except Exception:  # noqa: BLE001 - not an OpenAI-shaped error
+        return None
+
+
 # -- the user --------------------------------------------------------------------------------
 
 
@@ -97,6 +113,10 @@ class ChatUser(HttpUser):
         self.stream_share = float(_option(env, "fs_stream_share", 0.5))
         self.max_tokens = int(_option(env, "fs_max_tokens", 16))
         self.budget = _option(env, "fs_budget", None)
+        timeout = _option(env, "fs_timeout", None)
+        self.timeout = float(timeout) if timeout else None
+        path = _option(env, "fs_request_log", "")
+        self.log = open(path, "a") if path else None  # noqa: SIM115 - one per user, for its life
         if ChatUser._models is None:
             chosen = [m.strip() for m in str(_option(env, "fs_models", "")).split(",") if m.strip()]
             ChatUser._models = chosen or list_models(self.host or "")
@@ -119,34 +139,49 @@ class ChatUser(HttpUser):
         stream = self.rng.random() < self.stream_share
         name = f"chat {model} {'stream' if stream else 'json'}"
         body = self.body(model, stream)
-        started = time.perf_counter()
-        with self.client.post(ENDPOINT, json=body, name=name, stream=stream,
+        seen: dict = {"tokens": 0, "record": None, "error": None}
+        started, t0 = time.perf_counter(), time.time()
+        with self.client.post(ENDPOINT, json=body, name=name, stream=stream, timeout=self.timeout,
                               catch_response=True) as resp:
             try:
                 if resp.status_code == 0:  # no HTTP response: connection refused, reset, ...
+                    seen["error"] = "no_response"
                     resp.failure(f"no response: {resp.error}")
                 elif resp.status_code != 200:
+                    seen["error"] = f"http_{resp.status_code}:{_code(resp)}"
                     resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
                 elif stream:
-                    tokens = self.read_stream(resp, model, started)
+                    tokens = self.read_stream(resp, model, started, seen)
                     resp.request_meta["response_length"] = tokens
                 else:
-                    resp.request_meta["response_length"] = self.read_json(resp)
+                    resp.request_meta["response_length"] = self.read_json(resp, seen)
             except Exception as exc:  # noqa: BLE001 - any broken answer is a failed request
+                seen["error"] = seen["error"] or type(exc).__name__
                 resp.failure(f"{type(exc).__name__}: {exc}")
             # the whole request, body included (locust stops its clock at the headers)
             resp.request_meta["response_time"] = (time.perf_counter() - started) * 1000
+        if self.log is not None:
+            rec = seen["record"] or {}
+            self.log.write(json.dumps({
+                "t0": t0, "t1": time.time(), "model": model, "stream": stream,
+                "ok": seen["error"] is None, "status": resp.status_code, "error": seen["error"],
+                "tokens": seen["tokens"], "retries": len(rec.get("retries", [])),
+                "retried": [f"{x.get('expert')} {x.get('code')}" for x in rec.get("retries", [])],
+                "answered_by": rec.get("answered_by")}) + "\n")
+            self.log.flush()
 
     @staticmethod
-    def read_json(resp) -> int:
+    def read_json(resp, seen: dict) -> int:
         data = resp.json()
+        seen["record"] = data.get("frugalserve")
         content = data["choices"][0]["message"]["content"]
         if not isinstance(content, str):
             raise ValueError(f"no message content in {str(data)[:200]}")
         return int(data["usage"]["completion_tokens"])
 
-    def read_stream(self, resp, model: str, started: float) -> int:
-        """Read the SSE stream to `[DONE]`; fire TTFT and ITL events; return completion tokens."""
+    def read_stream(self, resp, model: str, started: float, seen: dict) -> int:
+        """Read the SSE stream to `[DONE]`; fire TTFT and ITL events; return completion tokens.
+        `seen` gets the content chunks so far, the routing record and an in-stream error's code."""
         last = None
         chunks = 0
         usage = None
@@ -158,8 +193,10 @@ class ChatUser(HttpUser):
                 break
             event = json.loads(payload)
             if "error" in event:
+                seen["error"] = f"stream:{event['error'].get('code')}"
                 raise RuntimeError(f"in-stream error: {event['error'].get('message')}")
             usage = event.get("usage") or usage
+            seen["record"] = event.get("frugalserve") or seen["record"]
             if not any((c.get("delta") or {}).get("content") for c in event.get("choices", [])):
                 continue
             now = time.perf_counter()
@@ -168,7 +205,9 @@ class ChatUser(HttpUser):
             else:
                 self.fire("ITL", model, (now - last) * 1000)
             last, chunks = now, chunks + 1
+            seen["tokens"] = chunks
         else:
+            seen["error"] = "stream_cut"
             raise RuntimeError("stream ended without [DONE]")
         return int(usage["completion_tokens"]) if usage else chunks
 

@@ -4,7 +4,8 @@ Runs the users of `locustfile.py` in-process (locust's library mode) for `--run-
 writes locust's CSVs (`locust_stats.csv`, `locust_stats_history.csv`, `locust_failures.csv`,
 `locust_exceptions.csv`) and `summary.json` under `--out`, and prints a short summary:
 requests/s, completion tokens/s, p50/p95/p99 of request latency, TTFT and ITL, failures.
-Exit status 1 when any request failed, 2 when the application cannot be reached.
+Exit status 1 when any request failed, 2 when the application cannot be reached. SIGTERM ends the
+run early the same way (users finish their request, the files are written).
 
 `--serve CONFIG` starts the application itself first (`frugalserve serve` on a free local port,
 its log in `--out`/serve.log) and stops it afterwards: what `make load` does.
@@ -55,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens per request")
     p.add_argument("--budget", type=float, default=None, help="frugalserve.budget for policies")
     p.add_argument("--seed", type=int, default=0, help="seed for prompts and choices")
+    p.add_argument("--request-log", default="", help="one JSON line per request to this file "
+                   "(locustfile.py says what is in it)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="client timeout per request in seconds (default: none)")
     p.add_argument("--serve", metavar="CONFIG", help="start the application from this config "
                    "on a free port (instead of --host) and stop it afterwards")
     p.add_argument("--serve-num-cpus", type=int, default=max(8, os.cpu_count() or 1),
@@ -176,7 +181,8 @@ def format_summary(s: dict) -> str:
 def run(args: argparse.Namespace) -> dict:
     options = argparse.Namespace(fs_models=args.models, fs_stream_share=args.stream_share,
                                  fs_max_tokens=args.max_tokens, fs_budget=args.budget,
-                                 fs_seed=args.seed)
+                                 fs_seed=args.seed, fs_request_log=args.request_log,
+                                 fs_timeout=args.timeout)
     env = Environment(user_classes=[locustfile.ChatUser], host=args.host,
                       events=locust.events, stop_timeout=args.stop_timeout,
                       parsed_options=options)
@@ -188,6 +194,7 @@ def run(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     runner.start(args.users, spawn_rate=args.spawn_rate)
     gevent.spawn_later(parse_timespan(args.run_time), runner.quit)
+    gevent.signal_handler(signal.SIGTERM, runner.quit)  # stop early: users finish their request
     runner.greenlet.join()
     duration = time.monotonic() - started
     gevent.sleep(locust.stats.CSV_STATS_INTERVAL_SEC + 0.2)  # one more write with final stats

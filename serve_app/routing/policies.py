@@ -23,7 +23,9 @@ from frugalserve.cascade.policy import cascade_step
 from frugalserve.experts.engine import Completion, GenerationRequest
 from frugalserve.serve_app.clients import ExpertClient
 from frugalserve.serve_app.config import RoutingConfig
+from frugalserve.serve_app.deadline import RequestBudget
 from frugalserve.serve_app.errors import APIError
+from frugalserve.serve_app.failover import Failover
 from frugalserve.serve_app.protocol import RoutingOptions
 from frugalserve.serve_app.record import Outcome, Prices, RoutingRecord
 from frugalserve.serve_app.routing.featurizers import make_featurizer, prompt_text
@@ -34,19 +36,20 @@ class Policies:
     names = ("moe", "cascade")
 
     def __init__(self, cfg: RoutingConfig, art: RouterArtifact,
-                 clients: Mapping[str, ExpertClient]):
+                 clients: Mapping[str, ExpertClient], failover: Failover):
         gate = dataclasses.replace(
             art.gate,
             floor=art.gate.floor if cfg.gate_floor is None else cfg.gate_floor,
             default=art.gate.default if cfg.gate_default is None else cfg.gate_default)
         self.cfg, self.art, self.clients = cfg, dataclasses.replace(art, gate=gate), clients
+        self.failover = failover
         self.featurize = make_featurizer(art.featurizer)
         self.sessions = SessionStore(cfg.session_ttl_s, cfg.max_sessions)
 
     async def run(self, name: str, request: GenerationRequest, options: RoutingOptions | None,
-                  header: str | None, stream: bool) -> Outcome:
+                  header: str | None, stream: bool, deadline: RequestBudget) -> Outcome:
         policy = self.moe if name == "moe" else self.cascade
-        return await policy(request, options, header, stream)
+        return await policy(request, options, header, stream, deadline)
 
     async def features(self, request: GenerationRequest) -> tuple[str, np.ndarray]:
         text = prompt_text(request.messages, request.prompt)
@@ -78,28 +81,38 @@ class Policies:
     # -- MoE ----------------------------------------------------------------------------------
 
     async def moe(self, request: GenerationRequest, options: RoutingOptions | None,
-                  header: str | None, stream: bool) -> Outcome:
+                  header: str | None, stream: bool, deadline: RequestBudget) -> Outcome:
         gate = self.art.gate
         text, feats = await self.features(request)
         probs = gate.probabilities(feats)[0]
         rec = RoutingRecord(policy="moe", details={
             "gate": {e: round(float(p), 4) for e, p in zip(gate.experts, probs)}})
         sticky = self._sticky_expert(request, header, options)
+        ranked = gate.choose(feats, k=len(gate.experts))  # best first: the rest are next choices
         chosen: tuple[str, ...]
         if sticky is not None and sticky in gate.experts:
             chosen, reason = (sticky,), "session"
         else:
-            d = gate.choose(feats, k=self.cfg.gate_k)
-            chosen, reason = d.experts, ("fallback: " if d.fallback else "") + d.reason
+            chosen = ranked.experts[:self.cfg.gate_k]
+            reason = ("fallback: " if ranked.fallback else "") + ranked.reason
         rec.details["gate_choice"] = list(chosen)
         rec.details["gate_reason"] = reason
-        if len(chosen) == 1 and stream:
-            return Outcome(rec, stream_from=chosen[0])
-        done = await asyncio.gather(*(self.clients[e].generate(request) for e in chosen))
         if len(chosen) == 1:
-            rec.add(chosen[0], done[0], await self.prices(chosen[0]))
-            return Outcome(rec, completion=done[0])
-        scored = [(self.score(e, text, feats, c, request), e, c) for e, c in zip(chosen, done)]
+            nxt = tuple(e for e in ranked.experts if e not in chosen)[:1]  # the second choice
+            if stream:
+                return Outcome(rec, stream_from=chosen[0], alternatives=nxt)
+            expert, c = await self.failover.generate(self.failover.chain(chosen[0], *nxt),
+                                                     request, deadline)
+            rec.add(expert, c, await self.prices(expert))
+            return Outcome(rec, completion=c)
+        tried = await asyncio.gather(*(self.failover.generate(self.failover.chain(e), request,
+                                                              deadline) for e in chosen),
+                                     return_exceptions=True)
+        done = [t for t in tried if not isinstance(t, BaseException)]
+        if not done:  # every chosen expert failed: the first one's error
+            raise next(t for t in tried if isinstance(t, BaseException))
+        scored = [(self.score(e, text, feats, c, request) if e in gate.experts else 0.0, e, c)
+                  for e, c in done]
         for s, e, c in scored:
             rec.add(e, c, await self.prices(e), score=round(s, 4))
         _, rec.answered_by, best = max(scored, key=lambda t: t[0])
@@ -108,7 +121,7 @@ class Policies:
     # -- cascade --------------------------------------------------------------------------------
 
     async def cascade(self, request: GenerationRequest, options: RoutingOptions | None,
-                      header: str | None, stream: bool) -> Outcome:
+                      header: str | None, stream: bool, deadline: RequestBudget) -> Outcome:
         budget = options.budget if options is not None else None
         max_tier = options.max_tier if options is not None else None
         try:
@@ -138,8 +151,9 @@ class Policies:
             if final and stream:
                 rec.details["stop_reason"] = "last_tier" if i == len(order) - 1 else "max_tier"
                 return Outcome(rec, stream_from=expert)
-            try:
-                c = await self.clients[expert].generate(request)
+            try:  # a tier is retried in place; the last also falls back to its `fallbacks`
+                candidates = self.failover.chain(expert) if final else [expert]
+                answered, c = await self.failover.generate(candidates, request, deadline)
             except APIError as exc:
                 if exc.code == "unsupported_parameter" and not final:
                     rec.details.setdefault("skipped", []).append(expert)  # a later tier may
@@ -152,8 +166,12 @@ class Policies:
                 rec.details.setdefault("skipped", []).append(expert)
                 continue
             if any(x.tool_calls for x in c.choices):  # nothing to score: the call stands
-                rec.add(expert, c, await self.prices(expert), accepted=True)
+                rec.add(answered, c, await self.prices(answered), accepted=True)
                 rec.details["stop_reason"] = "tool_call"
+                return Outcome(rec, completion=c)
+            if answered != expert:  # the last tier's fallback: it answers, unscored
+                rec.add(answered, c, await self.prices(answered), accepted=True)
+                rec.details["stop_reason"] = f"fallback of {expert}"
                 return Outcome(rec, completion=c)
             score = self.score(expert, text, feats, c, request)
             th = ths[i] if i < len(ths) else 0.0

@@ -9,11 +9,13 @@ from tests.conftest import REPO
 
 DASHBOARD = REPO / "cluster/dashboards/frugalserve-grafana.json"
 COUNTERS = {"requests_total", "prompt_tokens_total", "completion_tokens_total",
-            "escalations_total", "gate_choice_total", "cost_units_total"}
+            "escalations_total", "gate_choice_total", "cost_units_total", "retries_total",
+            "fallbacks_total", "stream_errors_total"}
 HISTOGRAMS = {"time_to_first_token_seconds", "inter_token_latency_seconds",
               "e2e_request_latency_seconds", "batch_size"}
 GAUGES = {"queue_depth", "bytes_in_use", "usable_bytes", "tokens_in_flight", "requests_in_flight",
-          "weight_bytes", "kv_bytes_per_token"}  # the memory-per-token autoscaler's signal
+          "weight_bytes", "kv_bytes_per_token",  # the memory-per-token autoscaler's signal
+          "circuit_state"}
 SERIES = re.compile(r"\bray_frugalserve_([a-z0-9_]+)")
 
 
