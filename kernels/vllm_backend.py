@@ -5,9 +5,13 @@ workers) and maps `AttentionBackendEnum.CUSTOM` to `FrugalAttentionBackend`; the
 it with `attention_backend="CUSTOM"`. The impl runs our kernels through `dispatch` (Triton on CUDA,
 the reference elsewhere): requests with a one-token query go to the paged-decode kernel, the others
 (prefill, chunked prefill, prefix-cache hits) to the varlen prefill kernel over their whole context
-gathered from the paged cache. ALiBi slopes and GQA/MQA are supported; anything else the kernels
-lack (sliding window, soft-capping, sinks, fp8/quantized KV cache, fp32, other head sizes, encoder
-or cross attention) is refused with the reason, at validation where vLLM asks and in the impl.
+gathered from the paged cache. ALiBi slopes and GQA/MQA are supported, and vLLM's fp8 (e4m3) KV
+cache (`kv_cache_dtype` "fp8" / "fp8_e4m3": vLLM allocates it as bytes, viewed here as
+float8_e4m3fn, with the per-layer float32 scales `layer._k_scale` / `layer._v_scale`, quantized as
+x / scale on write and read back as cache x scale, as vLLM's own Triton backend does; queries stay
+unquantized). Anything else the kernels lack (sliding window, soft-capping, sinks, fp8_e5m2 and other
+quantized KV caches, fp32, other head sizes, encoder or cross attention) is refused with the reason,
+at validation where vLLM asks and in the impl.
 
 Only the ABCs come from vLLM. Subclassing vLLM's own Triton backend/impl would inherit capability
 flags our kernels do not have (sinks, sliding window, non-causal, fp8 KV, fused fp8 output quant),
@@ -29,7 +33,8 @@ VLLM_PIN = "0.33"  # the vLLM minor these classes are written against
 CLASS_PATH = f"{__name__}.FrugalAttentionBackend"
 _CLASSES = ("FrugalAttentionBackend", "FrugalAttentionImpl", "FrugalAttentionMetadata",
             "FrugalAttentionMetadataBuilder")
-_SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+_SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3")
+_FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")  # e4m3 on CUDA (vLLM's current_platform.fp8_dtype())
 
 
 class VLLMUnavailableError(ImportError):
@@ -149,20 +154,31 @@ def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(starts, lengths) + offsets
 
 
-def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def is_fp8_kv_cache(kv_cache_dtype: str) -> bool:
+    return kv_cache_dtype in _FP8_KV_CACHE_DTYPES
+
+
+def split_kv_cache(kv_cache: torch.Tensor, head_size: int, kv_cache_dtype: str = "auto",
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM 0.33's per-layer cache is logical [num_blocks, Hkv, block_size, 2 * head_size] (K then V
     in the last dim; physical strides set by the resolved KV-cache layout). Returns K and V views
-    [num_blocks, block_size, Hkv, head_size], the layout our kernels read (any strides)."""
+    [num_blocks, block_size, Hkv, head_size], the layout our kernels read (any strides). An fp8
+    `kv_cache_dtype`'s cache (vLLM allocates it as uint8) is viewed as float8_e4m3fn."""
     if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_size:
         raise ValueError(f"kv_cache must be [num_blocks, Hkv, block_size, 2*{head_size}], "
                          f"got {tuple(kv_cache.shape)}")
+    if is_fp8_kv_cache(kv_cache_dtype) and kv_cache.dtype != torch.float8_e4m3fn:
+        if kv_cache.element_size() != 1:
+            raise ValueError(f"an fp8 KV cache must hold bytes, got {kv_cache.dtype}")
+        kv_cache = kv_cache.view(torch.float8_e4m3fn)
     key_cache, value_cache = kv_cache.transpose(1, 2).split(head_size, dim=-1)
     return key_cache, value_cache
 
 
-def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
+def write_kv(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     """Scatter key/value [T, Hkv, D] into strided caches [num_blocks, block_size, Hkv, D] at flat
-    slots `block * block_size + offset`; slots < 0 (padding) are skipped."""
+    slots `block * block_size + offset`; slots < 0 (padding) are skipped. fp8 caches store
+    `clamp(x / scale, -448, 448)` in e4m3 (kv_cache.quantize_fp8; vLLM's per-layer scalar scales)."""
     n = min(key.shape[0], slot_mapping.shape[0])
     slots = slot_mapping[:n].long()
     keep = slots >= 0
@@ -170,6 +186,13 @@ def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
         slots, key, value = slots[keep], key[:n][keep], value[:n][keep]
     else:
         key, value = key[:n], value[:n]
+    if key_cache.dtype == torch.float8_e4m3fn:
+        from .kv_cache import quantize_fp8
+
+        # index_put_ has no fp8 kernel on CPU: write the bytes
+        key = quantize_fp8(key, k_scale.float().reshape(-1)).view(torch.uint8)
+        value = quantize_fp8(value, v_scale.float().reshape(-1)).view(torch.uint8)
+        key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     block_size = key_cache.shape[1]
     blocks, offsets = slots // block_size, slots % block_size
     key_cache[blocks, offsets] = key
@@ -177,17 +200,23 @@ def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
 
 
 def attend(query, key_cache, value_cache, block_table, seq_lens, plan, out, *, scale, alibi_slopes,
-           max_seq_len=None) -> None:
+           max_seq_len=None, k_scale=None, v_scale=None) -> None:
     """Attention of query [T, Hq, D] over the paged cache (new K/V already written) into out
     [T, Hq, D], as `plan` splits the batch: one-token queries through the paged-decode kernel, the
-    rest through the varlen prefill kernel on their gathered context."""
+    rest through the varlen prefill kernel on their gathered context. An fp8 cache is read with
+    `k_scale`/`v_scale` (float32, [1] or [Hkv])."""
     from . import dispatch
 
+    if key_cache.dtype == torch.float8_e4m3fn:
+        k_scale, v_scale = (s.float().reshape(-1) for s in (k_scale, v_scale))
+    else:
+        k_scale = v_scale = None
     if plan.decode_tokens.numel():
         reqs, toks = plan.decode_reqs, plan.decode_tokens
         q = query[toks][:, None]  # [Bd, 1, Hq, D]
         res = dispatch.decode(q, key_cache, value_cache, block_table[reqs], seq_lens[reqs],
-                              alibi_slopes=alibi_slopes, scale=scale, max_context_len=max_seq_len)
+                              alibi_slopes=alibi_slopes, scale=scale, max_context_len=max_seq_len,
+                              k_scale=k_scale, v_scale=v_scale)
         out[toks] = res[:, 0]
     if plan.prefill_tokens.numel():
         block_size = key_cache.shape[1]
@@ -197,7 +226,8 @@ def attend(query, key_cache, value_cache, block_table, seq_lens, plan, out, *, s
         v = value_cache[blocks, pos % block_size]
         res = dispatch.attention_varlen(query[plan.prefill_tokens], k, v, plan.prefill_cu_q,
                                         plan.prefill_cu_k, plan.prefill_max_q, causal=True,
-                                        alibi_slopes=alibi_slopes, scale=scale)
+                                        alibi_slopes=alibi_slopes, scale=scale, k_scale=k_scale,
+                                        v_scale=v_scale)
         out[plan.prefill_tokens] = res
 
 
@@ -319,7 +349,8 @@ def _define() -> dict:
                                  else torch.tensor(alibi_slopes, dtype=torch.float32))
 
         def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-            key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+            # fp8: the byte cache viewed as e4m3 (vLLM's Triton writer cannot store into uint8)
+            key_cache, value_cache = split_kv_cache(kv_cache, self.head_size, self.kv_cache_dtype)
             if key_cache.is_cuda:  # vLLM's own writer for this layout: no host sync on padding
                 from vllm.v1.attention.ops.triton_reshape_and_cache_flash import (
                     triton_reshape_and_cache_flash,
@@ -328,7 +359,8 @@ def _define() -> dict:
                 triton_reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
                                                self.kv_cache_dtype, layer._k_scale, layer._v_scale)
             else:
-                write_kv(key, value, key_cache, value_cache, slot_mapping)
+                write_kv(key, value, key_cache, value_cache, slot_mapping, getattr(layer, "_k_scale", None),
+                         getattr(layer, "_v_scale", None))
 
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                     output_scale=None, output_block_scale=None):
@@ -340,13 +372,14 @@ def _define() -> dict:
             if attn_metadata.causal is not True:
                 raise NotImplementedError("frugalserve's attention backend is causal only")
             n = attn_metadata.num_actual_tokens
-            key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+            key_cache, value_cache = split_kv_cache(kv_cache, self.head_size, self.kv_cache_dtype)
             if self.alibi_slopes is not None and self.alibi_slopes.device != query.device:
                 self.alibi_slopes = self.alibi_slopes.to(query.device)
             out = output[:n].view(n, self.num_heads, self.head_size)
             attend(query[:n].reshape(n, self.num_heads, self.head_size), key_cache, value_cache,
                    attn_metadata.block_table, attn_metadata.seq_lens, attn_metadata.plan, out,
-                   scale=self.scale, alibi_slopes=self.alibi_slopes, max_seq_len=attn_metadata.max_seq_len)
+                   scale=self.scale, alibi_slopes=self.alibi_slopes, max_seq_len=attn_metadata.max_seq_len,
+                   k_scale=getattr(layer, "_k_scale", None), v_scale=getattr(layer, "_v_scale", None))
             return output
 
     classes = {c.__name__: c for c in (FrugalAttentionMetadata, FrugalAttentionMetadataBuilder,
