@@ -103,15 +103,16 @@ def test_write_kernel_matches_reference(dtype, per_head):
 
 
 @requires_triton
-@pytest.mark.parametrize("heads,d,alibi,splits", [((8, 2), 64, True, 1), ((12, 3), 40, True, 2),
-                                                  ((5, 1), 24, False, 3), ((4, 4), 80, True, 2)])
-def test_decode_fp8(heads, d, alibi, splits, interp_device, assert_close):
+@pytest.mark.parametrize("heads,d,alibi,splits,bn", [((8, 2), 64, True, 1, 16), ((12, 3), 40, True, 2, 16),
+                                                     ((5, 1), 24, False, 3, None), ((4, 4), 80, True, 2, 16)])
+def test_decode_fp8(heads, d, alibi, splits, bn, interp_device, assert_close):
+    """bn None: the fp8 default, twice decode_block_n's keys per tile."""
     from frugalserve.kernels.decode import paged_decode_attention
 
     hq, hkv = heads
     q, kc, vc, bt, ctx, ks, vs, (k, v) = _fp8_paged(3, [1, 19, 37], hq, hkv, d, 8, interp_device, seed=d)
     s = alibi_slopes(hq, device=interp_device) if alibi else None
-    out = paged_decode_attention(q, kc, vc, bt, ctx, alibi_slopes=s, num_splits=splits, block_n=16,
+    out = paged_decode_attention(q, kc, vc, bt, ctx, alibi_slopes=s, num_splits=splits, block_n=bn,
                                  k_scale=ks, v_scale=vs)
     ref = paged_decode_reference(q, kc, vc, bt, ctx, alibi_slopes=s, compute_dtype=torch.float64,
                                  k_scale=ks, v_scale=vs)
