@@ -8,6 +8,7 @@ causal block mask, enable_gqa), SDPA with a materialized ALiBi bias, and SDPA wi
 forced to its FLASH backend, its default choice (cuDNN on Hopper with torch 2.11), and forced to cuDNN.
 Decode: B=64 S=4k and B=16 S=16k, one query token, paged cache (page 16); K+V bytes read per second,
 against the device copy bandwidth.
+Ours twice: the default kernel and its opt-in tensor-descriptor (TMA) variant (`ours_tma`).
 Model: a Falcon-architecture ALiBi model (bf16, random weights) prefill, transformers' default vs ours.
 Seeded inputs, warm-up, median of triton.testing.do_bench; prints a table, writes JSON rows.
 """
@@ -84,6 +85,9 @@ def prefill_rows(seqlens, meta):
         cfg_alibi = str(_prefill_kernel.best_config)
         res["ours_noalibi"] = bench(lambda: flash_attention(q, k, v, causal=True))
         cfg_noalibi = str(_prefill_kernel.best_config)
+        # the opt-in tensor-descriptor (TMA) variant, autotuned over the same shapes (null where it cannot run)
+        res["ours_tma_alibi"] = bench(lambda: flash_attention(q, k, v, causal=True, alibi_slopes=slopes, tma=True))
+        res["ours_tma_noalibi"] = bench(lambda: flash_attention(q, k, v, causal=True, tma=True))
         res["flex_alibi"] = bench(lambda: flex(qt, kt, vt, score_mod=alibi_mod, block_mask=bm, enable_gqa=True))
         res["flex_noalibi"] = bench(lambda: flex(qt, kt, vt, block_mask=bm, enable_gqa=True))
         sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -109,6 +113,7 @@ def prefill_rows(seqlens, meta):
             rows.append({
                 "kind": "prefill", "batch": B, "seqlen": S, "num_heads": HQ, "num_kv_heads": HKV, "head_dim": D,
                 "alibi": alibi, "ours": t["ours_alibi" if alibi else "ours_noalibi"],
+                "ours_tma": t["ours_tma_alibi" if alibi else "ours_tma_noalibi"],
                 "flex": t["flex_alibi" if alibi else "flex_noalibi"],
                 "sdpa_bias": t["sdpa_bias"] if alibi else None, "sdpa_flash_noalibi": t["sdpa_flash"],
                 "sdpa_default_noalibi": t["sdpa_default"], "sdpa_cudnn_noalibi": t["sdpa_cudnn"],
@@ -197,6 +202,7 @@ def decode_rows(shapes, meta, page=16, sweep=True):
             rows.append({
                 "kind": "decode", "batch": B, "seqlen": S, "num_heads": HQ, "num_kv_heads": HKV, "head_dim": D,
                 "alibi": alibi, "ours": t["ours_alibi" if alibi else "ours_noalibi"],
+                "ours_tma": t["ours_tma_alibi" if alibi else "ours_tma_noalibi"],
                 "flex": t["flex_alibi" if alibi else "flex_noalibi"],
                 "sdpa_bias": t["sdpa_bias"] if alibi else None, "sdpa_flash_noalibi": t["sdpa_flash"],
                 "sdpa_default_noalibi": t["sdpa_noalibi"], "sdpa_cudnn_noalibi": t["sdpa_cudnn"],
@@ -262,6 +268,10 @@ def print_table(rows):
               f"{f(r.get('sdpa_cudnn_noalibi'))} | {r['unit']} | {ratio(r['ours'], r['flex'])} | "
               f"{ratio(r['ours'], r['sdpa_flash_noalibi'])} | {ratio(r['ours'], r.get('sdpa_default_noalibi'))} | "
               f"{ratio(r['ours'], r.get('sdpa_cudnn_noalibi'))} |")
+    for r in rows:
+        if r["kind"] == "prefill":
+            print(f"| prefill TMA variant | B={r['batch']} S={r['seqlen']} alibi={r['alibi']} | "
+                  f"{r['ours_tma']} TFLOP/s (pointer loads: {r['ours']}) |")
     print("\npeers: " + "; ".join(f"{k} = {v}" for k, v in PEERS.items()))
     for r in rows:
         if r["kind"] == "model":

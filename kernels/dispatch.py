@@ -28,6 +28,8 @@ MAX_DECODE_ROWS = 128  # query tokens x query heads per KV head in one decode ti
 
 logger = logging.getLogger("frugalserve.kernels")
 ENV = "FRUGALSERVE_ATTENTION"
+VARIANT_ENV = "FRUGALSERVE_PREFILL_VARIANT"  # "pointer" (default) or "tma": the prefill kernel's K/V loads
+PREFILL_VARIANTS = ("pointer", "tma")
 _logged: set[str] = set()
 
 
@@ -140,20 +142,46 @@ def use_triton_for(q: torch.Tensor, k: torch.Tensor, what: str, kernel: str = "p
     return ok
 
 
+def prefill_variant(q, k, v, variant: str | None = None) -> tuple[bool, str]:
+    """(use the tensor-descriptor variant, why) for a prefill launch that runs in Triton. `variant` (else
+    FRUGALSERVE_PREFILL_VARIANT, else "pointer"): "pointer" is the default kernel; "tma" is opt-in, K/V read
+    through tl.make_tensor_descriptor (TMA on sm90+), and falls back to the pointer kernel where
+    prefill.tma_problem says it cannot run."""
+    variant = (variant or os.environ.get(VARIANT_ENV, "pointer")).lower()
+    if variant not in PREFILL_VARIANTS:
+        raise ValueError(f"prefill variant {variant!r} is not one of {PREFILL_VARIANTS}")
+    if variant == "pointer":
+        return False, "pointer loads (the default variant)"
+    from .prefill import tma_problem
+
+    problem = tma_problem(q, k, v)
+    if problem is not None:
+        return False, f"tma requested, pointer loads instead: {problem}"
+    return True, "tensor descriptors (tma)"
+
+
+def _use_tma(q, k, v, variant, what: str) -> bool:
+    ok, reason = prefill_variant(q, k, v, variant)
+    _log_once(f"{what}: {reason}")
+    return ok
+
+
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def attention(q, k, v, *, causal=True, alibi_slopes=None, scale=None, kv_lo=None, attn_mask=None,
-              autotune=True, k_scale=None, v_scale=None):
+              autotune=True, k_scale=None, v_scale=None, variant=None):
     """Padded-batch attention, [B, Sq, Hq, D] x [B, Sk, Hkv, D] -> [B, Sq, Hq, D]; see reference.py.
     An explicit bool `attn_mask` always takes the reference path. `autotune=False`: the kernel's
-    fixed config for the head dim (see prefill.flash_attention). fp8 k/v take `k_scale`/`v_scale`."""
+    fixed config for the head dim (see prefill.flash_attention). fp8 k/v take `k_scale`/`v_scale`.
+    `variant`: the kernel's K/V loads, see prefill_variant."""
     if attn_mask is None and use_triton_for(q, k, "prefill attention"):
         from .prefill import flash_attention
 
         return flash_attention(q, k, v, causal=causal, alibi_slopes=alibi_slopes, scale=scale, kv_lo=kv_lo,
-                               autotune=autotune, k_scale=k_scale, v_scale=v_scale)
+                               autotune=autotune, k_scale=k_scale, v_scale=v_scale,
+                               tma=_use_tma(q, k, v, variant, "prefill attention"))
     if attn_mask is not None:
         _log_once("attention with an arbitrary mask: reference (the kernels take causal/left-padding only)")
     return reference.attention_reference(q, k, v, causal=causal, alibi_slopes=alibi_slopes, scale=scale,
@@ -162,17 +190,18 @@ def attention(q, k, v, *, causal=True, alibi_slopes=None, scale=None, kv_lo=None
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *, causal=True, alibi_slopes=None,
-                     scale=None, autotune=True, k_scale=None, v_scale=None):
+                     scale=None, autotune=True, k_scale=None, v_scale=None, variant=None):
     """Packed variable-length attention [Tq, Hq, D] x [Tk, Hkv, D] -> [Tq, Hq, D]. A serving engine
     passes `autotune=False`: one fixed config per head dim, no autotuning benchmark mid-serving
     (the autotune key has a length bucket: each new bucket would stall for seconds). fp8 k/v (a
-    gathered fp8 cache) take `k_scale`/`v_scale`."""
+    gathered fp8 cache) take `k_scale`/`v_scale`. `variant`: the kernel's K/V loads, see prefill_variant."""
     if use_triton_for(q, k, "varlen attention"):
         from .prefill import flash_attention_varlen
 
         return flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal=causal,
                                       alibi_slopes=alibi_slopes, scale=scale, autotune=autotune,
-                                      k_scale=k_scale, v_scale=v_scale)
+                                      k_scale=k_scale, v_scale=v_scale,
+                                      tma=_use_tma(q, k, v, variant, "varlen attention"))
     return reference.varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
                                                 alibi_slopes=alibi_slopes, scale=scale,
                                                 compute_dtype=_compute_dtype(q), k_scale=k_scale,

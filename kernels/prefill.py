@@ -97,15 +97,18 @@ def _block_d(head_dim: int) -> int:
 
 @triton.jit
 def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d, d_ok, q_pos, slope2,
-                 lo, hi, len_k, kv_lo, qk_scale,
+                 lo, hi, len_k, kv_lo, qk_scale, k_desc, v_desc, kvh,
                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                 USE_ALIBI: tl.constexpr):
+                 USE_ALIBI: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):
     q_posf = q_pos.to(tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_n64 = offs_n.to(tl.int64)
         if MASKED:
             k_ok = (offs_n < len_k) & (offs_n >= kv_lo)
+        if TMA:  # a [BLOCK_N, 1, BLOCK_D] box of [len_k, Hkv, D]: rows past len_k, columns past D read as 0
+            k = tl.trans(k_desc.load([start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D))
+        elif MASKED:
             k = tl.load(k_base + offs_n64[None, :] * stride_kt + offs_d[:, None],
                         mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         else:
@@ -124,7 +127,11 @@ def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d,
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASKED:
+        if TMA:
+            v = v_desc.load([start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D).to(q.dtype)
+            if MASKED:  # left-padding rows are real memory: no 0 x garbage
+                v = tl.where(k_ok[:, None], v, 0.0).to(q.dtype)
+        elif MASKED:
             v = tl.load(v_base + offs_n64[:, None] * stride_vt + offs_d[None, :],
                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         else:
@@ -134,7 +141,8 @@ def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(), key=["seq_bucket", "HEAD_DIM", "PACK", "CAUSAL", "USE_ALIBI", "VARLEN", "KV_FP8"],
+@triton.autotune(configs=_configs(), key=["seq_bucket", "HEAD_DIM", "PACK", "CAUSAL", "USE_ALIBI", "VARLEN", "KV_FP8",
+                                         "TMA"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _prefill_kernel(
@@ -144,7 +152,7 @@ def _prefill_kernel(
     seqlen_q, seqlen_k, num_kv_heads, num_chunks, qk_scale, seq_bucket, stride_scale,
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_ALIBI: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_KV_LO: tl.constexpr, KV_FP8: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_KV_LO: tl.constexpr, KV_FP8: tl.constexpr, TMA: tl.constexpr,
 ):
     TOK: tl.constexpr = BLOCK_M // PACK  # query tokens per tile
     pid_m = tl.program_id(0)
@@ -192,6 +200,15 @@ def _prefill_kernel(
 
     k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
     v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
+    k_desc = k_base
+    v_desc = v_base
+    if TMA:  # tensor descriptors (TMA on sm90+) over this sequence's [len_k, Hkv, D] keys and values
+        k_desc = tl.make_tensor_descriptor(K + b64 * stride_kb + k_start.to(tl.int64) * stride_kt,
+                                           shape=[len_k, num_kv_heads, HEAD_DIM], strides=[stride_kt, stride_kh, 1],
+                                           block_shape=[BLOCK_N, 1, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + k_start.to(tl.int64) * stride_vt,
+                                           shape=[len_k, num_kv_heads, HEAD_DIM], strides=[stride_vt, stride_vh, 1],
+                                           block_shape=[BLOCK_N, 1, BLOCK_D])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -210,14 +227,14 @@ def _prefill_kernel(
     full_hi = tl.maximum(full_hi, full_lo)
     # 1) partial first block (left padding), 2) unmasked blocks, 3) diagonal and tail blocks
     acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d, d_ok, q_pos,
-                                 slope2, lo_blk, tl.minimum(full_lo, hi), len_k, kv_lo, qk_scale,
-                                 BLOCK_N, True, CAUSAL, USE_ALIBI)
+                                 slope2, lo_blk, tl.minimum(full_lo, hi), len_k, kv_lo, qk_scale, k_desc, v_desc, kvh,
+                                 BLOCK_N, True, CAUSAL, USE_ALIBI, TMA, BLOCK_D)
     acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d, d_ok, q_pos,
-                                 slope2, full_lo, full_hi, len_k, kv_lo, qk_scale,
-                                 BLOCK_N, False, CAUSAL, USE_ALIBI)
+                                 slope2, full_lo, full_hi, len_k, kv_lo, qk_scale, k_desc, v_desc, kvh,
+                                 BLOCK_N, False, CAUSAL, USE_ALIBI, TMA, BLOCK_D)
     acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d, d_ok, q_pos,
-                                 slope2, full_hi, hi, len_k, kv_lo, qk_scale,
-                                 BLOCK_N, True, CAUSAL, USE_ALIBI)
+                                 slope2, full_hi, hi, len_k, kv_lo, qk_scale, k_desc, v_desc, kvh,
+                                 BLOCK_N, True, CAUSAL, USE_ALIBI, TMA, BLOCK_D)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     if KV_FP8:
         l_i = l_i / v_scale
@@ -232,7 +249,7 @@ def _pack(group: int) -> tuple[int, int]:
 
 
 def _launch(q, k, v, out, strides_q, strides_k, strides_v, strides_o, batch, seqlen_q, seqlen_k, max_q,
-            causal, slopes, scale, cu_q, cu_k, kv_lo, varlen, autotune, k_scale=None, v_scale=None):
+            causal, slopes, scale, cu_q, cu_k, kv_lo, varlen, autotune, k_scale=None, v_scale=None, tma=False):
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     num_kv_heads = k.shape[-2]
     group = num_heads // num_kv_heads
@@ -253,7 +270,9 @@ def _launch(q, k, v, out, strides_q, strides_k, strides_v, strides_o, batch, seq
     )
     meta = dict(GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=causal,
                 USE_ALIBI=slopes is not None, VARLEN=varlen, HAS_KV_LO=kv_lo is not None,
-                KV_FP8=k_scale is not None)
+                KV_FP8=k_scale is not None, TMA=bool(tma))
+    if tma:
+        _set_allocator()
     if autotune:
         _prefill_kernel[grid](*args, **meta)
     else:
@@ -292,8 +311,11 @@ def flash_attention(
     autotune: bool = True,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
     """Padded batch: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] (any strides, last dim contiguous), Sq <= Sk.
+    `tma=True`: the Hopper variant, K/V read through tensor descriptors (TMA), same semantics; ValueError
+    with tma_problem's reason where it cannot run.
     k/v may be fp8 (float8_e4m3fn) with float32 scales `k_scale`/`v_scale` ([Hkv] or [1]): a key
     counts as k x k_scale, dequantized in the kernel.
     Query i sits at key position i + Sk - Sq. `kv_lo` [B] int: keys before it are padding.
@@ -320,9 +342,11 @@ def flash_attention(
         out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
     if B == 0 or Sq == 0:
         return out
+    if tma and (problem := tma_problem(q, k, v)) is not None:
+        raise ValueError(f"the TMA prefill variant cannot run: {problem}")
     return _launch(q, k, v, out, q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3], B, Sq, Sk, Sq,
                    causal, slopes, scale, None, None, kv_lo, varlen=False, autotune=autotune,
-                   k_scale=k_scale, v_scale=v_scale)
+                   k_scale=k_scale, v_scale=v_scale, tma=tma)
 
 
 def flash_attention_varlen(
@@ -340,10 +364,11 @@ def flash_attention_varlen(
     autotune: bool = True,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
     """Packed sequences: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens_* [B+1] int32 (starts, then total).
     Each sequence's queries are its last Lq tokens (Lq <= Lk). Returns [Tq, Hq, D].
-    `autotune`, fp8 k/v with `k_scale`/`v_scale`: as in flash_attention."""
+    `autotune`, fp8 k/v with `k_scale`/`v_scale`, `tma`: as in flash_attention."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"varlen q/k/v must be 3-D [T, H, D], got {q.dim()}/{k.dim()}/{v.dim()} dims")
     if k.shape != v.shape or k.shape[2] != q.shape[2]:
@@ -361,10 +386,40 @@ def flash_attention_varlen(
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if q.shape[0] == 0:
         return out
+    if tma and (problem := tma_problem(q, k, v)) is not None:
+        raise ValueError(f"the TMA prefill variant cannot run: {problem}")
     sq, sk, so = q.stride(), k.stride(), out.stride()
     return _launch(q, k, v, out, (0, sq[0], sq[1]), (0, sk[0], sk[1]), (0, v.stride(0), v.stride(1)),
                    (0, so[0], so[1]), B, 0, 0, int(max_seqlen_q), causal, slopes, scale, cu_q, cu_k, None,
-                   varlen=True, autotune=autotune, k_scale=k_scale, v_scale=v_scale)
+                   varlen=True, autotune=autotune, k_scale=k_scale, v_scale=v_scale, tma=tma)
+
+
+def tma_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None when the tensor-descriptor (TMA) variant can run on these tensors, else why not: it needs
+    tl.make_tensor_descriptor, compute capability 9.0+ (or the interpreter), and K/V whose strides and base
+    are multiples of 16 bytes (TMA's rule; D x element size for the head stride)."""
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return f"triton {triton.__version__} has no tl.make_tensor_descriptor"
+    if q.is_cuda and not _interpreting() and torch.cuda.get_device_capability(q.device)[0] < 9:
+        major, minor = torch.cuda.get_device_capability(q.device)
+        return f"tensor descriptors (TMA) need compute capability 9.0+, not {major}.{minor}"
+    for name, t in (("k", k), ("v", v)):
+        elt = t.element_size()
+        if t.data_ptr() % 16 or any(st * elt % 16 for st in t.stride()[:-1]):
+            return f"{name} strides {tuple(t.stride())} x {elt} bytes are not all multiples of 16 bytes"
+    return None
+
+
+_allocator_set = False
+
+
+def _set_allocator() -> None:
+    """In-kernel tensor descriptors need a scratch allocator on the GPU (triton.set_allocator)."""
+    global _allocator_set
+    if _allocator_set or _interpreting():
+        return
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    _allocator_set = True
 
 
 def _kv_scales(q, k, v, k_scale, v_scale):
