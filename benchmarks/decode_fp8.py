@@ -110,8 +110,8 @@ def kernel_rows(meta, sweep=True):
                     "num_kv_heads": HKV, "head_dim": D, "page_size": PAGE, "alibi": alibi, "ms": ms,
                     "tokens_per_s": None if ms is None else B / ms * 1e3,
                     "TB_per_s": None if ms is None else nbytes / ms / 1e9, "copy_bandwidth_TB_per_s": copy_bw,
-                    "default_block_n": decode_block_n(D, name == "fp8"),
-                    "default_num_splits": default_num_splits(B, HKV, S, decode_block_n(D, name == "fp8"), sms),
+                    "default_block_n": decode_block_n(D, name == "fp8", 16),
+                    "default_num_splits": default_num_splits(B, HKV, S, decode_block_n(D, name == "fp8", 16), sms),
                     "best_ms": best[0], "best_config": best[1], "sweep": sweep_log,
                     "max_abs_err_vs_float64_reference": err, **meta,
                 })

@@ -131,13 +131,16 @@ def _reduce_kernel(PartO, PartML, Out, stride_ob, stride_ot, stride_oh, num_head
              mask=offs_d < HEAD_DIM)
 
 
-def decode_block_n(head_dim: int, kv_fp8: bool = False) -> int:
+def decode_block_n(head_dim: int, kv_fp8: bool = False, rows: int = 16) -> int:
     """Keys per tile: 64 up to BLOCK_D 128 (measured on H200 at d 128), 32 beyond, so a K or V tile
-    stays 16 KB at bf16 (BLOCK_N x BLOCK_D x 2 bytes). An fp8 cache takes twice the keys, so a tile
-    moves the same 16 KB: the bytes in flight per program, which bound a bandwidth-bound loop, stay
-    those measured for bf16 (by that argument; benchmarks/decode_fp8.py sweeps the alternatives)."""
-    n = 64 if triton.next_power_of_2(head_dim) <= 128 else 32
-    return 2 * n if kv_fp8 else n
+    stays 16 KB at bf16 (BLOCK_N x BLOCK_D x 2 bytes). An fp8 cache takes twice the keys where the tile
+    of `rows` query rows x BLOCK_D is at most 16 x 128, so a tile moves the bytes of a bf16 tile (the bytes in
+    flight per program, which bound a bandwidth-bound loop). Compiled for sm90 (Triton 3.9, bf16 queries,
+    ALiBi, 4 warps): 16 x 128 rows x dims with 128 fp8 keys spill 56 bytes per thread (the bf16 default 112),
+    16 x 64 nothing; 64 x 128 with 128 keys would spill 640 (with 64: nothing), 16 x 256 with 64 keys 776 (32: 8)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    n = 64 if block_d <= 128 else 32
+    return 2 * n if kv_fp8 and rows * block_d <= 16 * 128 else n
 
 
 def _num_warps(block_r: int, block_d: int) -> int:
@@ -185,7 +188,7 @@ def paged_decode_attention(
 
     `max_context_len` bounds every context_lens entry (tokens past it are not read); when None it
     is `context_lens.max()`, a device-to-host sync. `num_splits` (None: from the batch shape,
-    max_context_len and the SM count, all host values) and `block_n` (None: decode_block_n(D, fp8)) set
+    max_context_len and the SM count, all host values) and `block_n` (None: decode_block_n(D, fp8, rows)) set
     the grid, which depends on nothing else.
 
     CUDA-graph capture: capture-safe (no host sync, no host-to-device copy, nothing outside the
@@ -224,7 +227,7 @@ def paged_decode_attention(
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous last dim")
     if block_n is None:
-        block_n = decode_block_n(D, kv_fp8)
+        block_n = decode_block_n(D, kv_fp8, max(16, triton.next_power_of_2(Lq * group)))
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if B == 0:
