@@ -3,9 +3,12 @@
     python benchmarks/attention.py [--out benchmarks/results/attention-h200.json] [--quick] [--no-model]
 
 Prefill: bf16, 32 query heads, 8 KV heads, d=128, causal, S = 1k..16k with batch x S = 16k tokens;
-peers: FlexAttention (compiled, ALiBi score_mod, causal block mask, enable_gqa), SDPA with a
-materialized ALiBi bias, SDPA flash without ALiBi. Decode: B=64 S=4k and B=16 S=16k, one query token,
-paged cache (page 16); K+V bytes read per second, against the device copy bandwidth.
+peers (each named in the table and the JSON rows, see PEERS): FlexAttention (compiled, ALiBi score_mod,
+causal block mask, enable_gqa), SDPA with a materialized ALiBi bias, and SDPA without ALiBi three ways:
+forced to its FLASH backend, its default choice (cuDNN on Hopper with torch 2.11), and forced to cuDNN.
+Decode: B=64 S=4k and B=16 S=16k, one query token, paged cache (page 16); K+V bytes read per second,
+against the device copy bandwidth.
+Ours twice: the default kernel and its opt-in tensor-descriptor (TMA) variant (`ours_tma`).
 Model: a Falcon-architecture ALiBi model (bf16, random weights) prefill, transformers' default vs ours.
 Seeded inputs, warm-up, median of triton.testing.do_bench; prints a table, writes JSON rows.
 """
@@ -30,6 +33,15 @@ for _name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_lim
     if hasattr(torch._dynamo.config, _name):  # one compiled flex kernel per shape; past the limit flex runs eager
         setattr(torch._dynamo.config, _name, 1024)
 DATE = "2026-11-29"
+# JSON key -> what ran (every peer on the same inputs in the same process)
+PEERS = {
+    "flex": "torch.compile(flex_attention): ALiBi score_mod (ALiBi rows) or none, causal BlockMask, enable_gqa",
+    "sdpa_bias": "SDPA (default backend) with a materialized bf16 ALiBi + causal bias, K/V repeated to 32 heads",
+    "sdpa_flash_noalibi": "SDPA forced to SDPBackend.FLASH_ATTENTION, causal, no ALiBi, enable_gqa",
+    "sdpa_default_noalibi": "SDPA with no backend forced (its own choice), causal, no ALiBi, enable_gqa",
+    "sdpa_cudnn_noalibi": "SDPA forced to SDPBackend.CUDNN_ATTENTION, causal, no ALiBi (enable_gqa, or K/V "
+                          "repeated to 32 heads where cuDNN refuses GQA: see sdpa_cudnn_kv)",
+}
 
 
 def bench(fn, rep=200):
@@ -73,12 +85,22 @@ def prefill_rows(seqlens, meta):
         cfg_alibi = str(_prefill_kernel.best_config)
         res["ours_noalibi"] = bench(lambda: flash_attention(q, k, v, causal=True))
         cfg_noalibi = str(_prefill_kernel.best_config)
+        # the opt-in tensor-descriptor (TMA) variant, autotuned over the same shapes (null where it cannot run)
+        res["ours_tma_alibi"] = bench(lambda: flash_attention(q, k, v, causal=True, alibi_slopes=slopes, tma=True))
+        res["ours_tma_noalibi"] = bench(lambda: flash_attention(q, k, v, causal=True, tma=True))
         res["flex_alibi"] = bench(lambda: flex(qt, kt, vt, score_mod=alibi_mod, block_mask=bm, enable_gqa=True))
         res["flex_noalibi"] = bench(lambda: flex(qt, kt, vt, block_mask=bm, enable_gqa=True))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            res["sdpa_flash"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
-                qt, kt, vt, is_causal=True, enable_gqa=True))
+            res["sdpa_flash"] = bench(lambda: sdpa(qt, kt, vt, is_causal=True, enable_gqa=True))
+        res["sdpa_default"] = bench(lambda: sdpa(qt, kt, vt, is_causal=True, enable_gqa=True))
         kr, vr = kt.repeat_interleave(HQ // HKV, 1), vt.repeat_interleave(HQ // HKV, 1)
+        cudnn_kv = "gqa"
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            res["sdpa_cudnn"] = bench(lambda: sdpa(qt, kt, vt, is_causal=True, enable_gqa=True))
+            if res["sdpa_cudnn"] is None:
+                cudnn_kv = "repeated"
+                res["sdpa_cudnn"] = bench(lambda: sdpa(qt, kr, vr, is_causal=True))
         pos = torch.arange(S, device="cuda")
         bias = (slopes.view(HQ, 1, 1) * (pos.view(1, 1, S) - pos.view(1, S, 1))).to(torch.bfloat16)
         bias = bias.masked_fill(pos.view(1, 1, S) > pos.view(1, S, 1), float("-inf"))[None]
@@ -91,8 +113,11 @@ def prefill_rows(seqlens, meta):
             rows.append({
                 "kind": "prefill", "batch": B, "seqlen": S, "num_heads": HQ, "num_kv_heads": HKV, "head_dim": D,
                 "alibi": alibi, "ours": t["ours_alibi" if alibi else "ours_noalibi"],
+                "ours_tma": t["ours_tma_alibi" if alibi else "ours_tma_noalibi"],
                 "flex": t["flex_alibi" if alibi else "flex_noalibi"],
                 "sdpa_bias": t["sdpa_bias"] if alibi else None, "sdpa_flash_noalibi": t["sdpa_flash"],
+                "sdpa_default_noalibi": t["sdpa_default"], "sdpa_cudnn_noalibi": t["sdpa_cudnn"],
+                "sdpa_cudnn_kv": cudnn_kv, "peers": PEERS,
                 "unit": "TFLOP/s", "config": cfg_alibi if alibi else cfg_noalibi, **meta,
             })
         print(f"prefill S={S} B={B}: " + ", ".join(f"{k}={v:.1f}" if v else f"{k}=None" for k, v in t.items()),
@@ -160,6 +185,14 @@ def decode_rows(shapes, meta, page=16, sweep=True):
         res["flex_noalibi"] = bench(lambda: flex(qt, kc, vc, enable_gqa=True))
         res["sdpa_noalibi"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
             qt, kc, vc, enable_gqa=True))
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            res["sdpa_flash"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+                qt, kc, vc, enable_gqa=True))
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            res["sdpa_cudnn"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+                qt, kc, vc, enable_gqa=True))
         bias = (slopes.view(1, HQ, 1, 1) * (torch.arange(S, device="cuda") - (S - 1))).to(torch.bfloat16)
         res["sdpa_bias"] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
             qt, kc, vc, attn_mask=bias, enable_gqa=True))
@@ -169,8 +202,11 @@ def decode_rows(shapes, meta, page=16, sweep=True):
             rows.append({
                 "kind": "decode", "batch": B, "seqlen": S, "num_heads": HQ, "num_kv_heads": HKV, "head_dim": D,
                 "alibi": alibi, "ours": t["ours_alibi" if alibi else "ours_noalibi"],
+                "ours_tma": t["ours_tma_alibi" if alibi else "ours_tma_noalibi"],
                 "flex": t["flex_alibi" if alibi else "flex_noalibi"],
-                "sdpa_bias": t["sdpa_bias"] if alibi else None, "sdpa_flash_noalibi": t["sdpa_noalibi"],
+                "sdpa_bias": t["sdpa_bias"] if alibi else None, "sdpa_flash_noalibi": t["sdpa_flash"],
+                "sdpa_default_noalibi": t["sdpa_noalibi"], "sdpa_cudnn_noalibi": t["sdpa_cudnn"],
+                "sdpa_cudnn_kv": "gqa", "peers": {**PEERS, "note": "decode peers read a contiguous (non-paged) cache"},
                 "unit": "TB/s", "copy_bandwidth": copy_bw, "page_size": page,
                 "default_num_splits": default_num_splits(
                     B, HKV, S, num_sms=torch.cuda.get_device_properties(0).multi_processor_count),
@@ -219,16 +255,24 @@ def model_rows(lengths, meta, layers=4):
 
 
 def print_table(rows):
-    print("\n| kind | B | S | alibi | ours | flex | sdpa_bias | sdpa_flash_noalibi | unit | ours/flex | ours/sdpa_flash |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| kind | B | S | alibi | ours | flex | sdpa_bias | sdpa_flash_noalibi | sdpa_default_noalibi | "
+          "sdpa_cudnn_noalibi | unit | ours/flex | ours/sdpa_flash | ours/sdpa_default | ours/sdpa_cudnn |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["kind"] == "model":
             continue
         f = lambda x: "–" if x is None else f"{x:.2f}" if r["unit"] == "TB/s" else f"{x:.0f}"  # noqa: E731
         ratio = lambda a, b: "–" if (a is None or b is None) else f"{a / b:.2f}"  # noqa: E731
         print(f"| {r['kind']} | {r['batch']} | {r['seqlen']} | {r['alibi']} | {f(r['ours'])} | {f(r['flex'])} | "
-              f"{f(r['sdpa_bias'])} | {f(r['sdpa_flash_noalibi'])} | {r['unit']} | {ratio(r['ours'], r['flex'])} | "
-              f"{ratio(r['ours'], r['sdpa_flash_noalibi'])} |")
+              f"{f(r['sdpa_bias'])} | {f(r['sdpa_flash_noalibi'])} | {f(r.get('sdpa_default_noalibi'))} | "
+              f"{f(r.get('sdpa_cudnn_noalibi'))} | {r['unit']} | {ratio(r['ours'], r['flex'])} | "
+              f"{ratio(r['ours'], r['sdpa_flash_noalibi'])} | {ratio(r['ours'], r.get('sdpa_default_noalibi'))} | "
+              f"{ratio(r['ours'], r.get('sdpa_cudnn_noalibi'))} |")
+    for r in rows:
+        if r["kind"] == "prefill":
+            print(f"| prefill TMA variant | B={r['batch']} S={r['seqlen']} alibi={r['alibi']} | "
+                  f"{r['ours_tma']} TFLOP/s (pointer loads: {r['ours']}) |")
+    print("\npeers: " + "; ".join(f"{k} = {v}" for k, v in PEERS.items()))
     for r in rows:
         if r["kind"] == "model":
             print(f"| model {r['path']} | S={r['seqlen']} | {r['ms']} ms | peak +{r['peak_extra_gib']} GiB |")

@@ -53,29 +53,32 @@ def resources(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int
 
 def prefill_rows(dtype: str, arch: int):
     types = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "O": f"*{dtype}", "Slopes": "*fp32",
-             "CuQ": "*i32", "CuK": "*i32", "KvLo": "*i32", "qk_scale": "fp32"}
+             "CuQ": "*i32", "CuK": "*i32", "KvLo": "*i32", "KScale": "*fp32", "VScale": "*fp32", "qk_scale": "fp32"}
     for d in (64, 128, 256):
         block_d = prefill._block_d(d)
         cls = prefill._d_class(block_d)
         for shape in dict.fromkeys(prefill._TUNE_SHAPES[cls] + prefill._FIXED_SHAPES[cls]):
             m, n, w, s = shape
             cx = dict(GROUP=4, PACK=4, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=m, BLOCK_N=n, CAUSAL=True,
-                      USE_ALIBI=True, VARLEN=True, HAS_KV_LO=False)
+                      USE_ALIBI=True, VARLEN=True, HAS_KV_LO=False, KV_FP8=False, TMA=False)
             fixed = shape == prefill._FIXED_SHAPES[cls][0]
             yield {"kernel": "prefill", "head_dim": d, "shape": list(shape), "fixed": fixed,
                    **resources(prefill._prefill_kernel.fn, types, cx, w, s, arch)}
 
 
-def decode_rows(dtype: str, arch: int):
-    types = {"Q": f"*{dtype}", "KC": f"*{dtype}", "VC": f"*{dtype}", "Out": f"*{dtype}", "Slopes": "*fp32",
-             "PartO": "*fp32", "PartML": "*fp32", "BT": "*i32", "Ctx": "*i32", "qk_scale": "fp32"}
+def decode_rows(dtype: str, arch: int, fp8: bool = False):
+    cache = "fp8e4nv" if fp8 else dtype
+    types = {"Q": f"*{dtype}", "KC": f"*{cache}", "VC": f"*{cache}", "Out": f"*{dtype}", "Slopes": "*fp32",
+             "PartO": "*fp32", "PartML": "*fp32", "BT": "*i32", "Ctx": "*i32", "KScale": "*fp32",
+             "VScale": "*fp32", "qk_scale": "fp32"}
     for d in (40, 128, 256):
         for rows in (16, 64, 128):
             block_d = max(16, triton.next_power_of_2(d))
-            block_n, warps = decode.decode_block_n(d), decode._num_warps(rows, block_d)
+            block_n, warps = decode.decode_block_n(d, fp8, rows), decode._num_warps(rows, block_d)
             cx = dict(GROUP=8, QLEN=rows // 8, BLOCK_R=rows, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
-                      PAGE=16, USE_ALIBI=True, SPLIT=True)
-            yield {"kernel": "decode", "head_dim": d, "shape": [rows, block_n, warps, 2], "fixed": True,
+                      PAGE=16, USE_ALIBI=True, SPLIT=True, KV_FP8=fp8)
+            yield {"kernel": "decode-fp8-cache" if fp8 else "decode", "head_dim": d,
+                   "shape": [rows, block_n, warps, 2], "fixed": True,
                    **resources(decode._decode_kernel, types, cx, warps, 2, arch)}
 
 
@@ -91,24 +94,26 @@ PAGED_PREFILL_CANDIDATES = {
 
 def paged_prefill_rows(dtype: str, arch: int):
     types = {"Q": f"*{dtype}", "KC": f"*{dtype}", "VC": f"*{dtype}", "O": f"*{dtype}", "Slopes": "*fp32",
-             "BT": "*i32", "CuQ": "*i32", "SeqLens": "*i32", "qk_scale": "fp32"}
+             "BT": "*i32", "CuQ": "*i32", "SeqLens": "*i32", "KScale": "*fp32", "VScale": "*fp32",
+             "qk_scale": "fp32"}
     for d in (24, 40, 64, 128, 256):
         block_d = paged_prefill._block_d(d)
         chosen = set(paged_prefill._SHAPES[max(64, block_d)].values())
         for shape in PAGED_PREFILL_CANDIDATES[128 if block_d <= 128 else 256]:
             m, n, w, s = shape
-            cx = dict(GROUP=4, PACK=4, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=m, BLOCK_N=n, PAGE=16, USE_ALIBI=True)
+            cx = dict(GROUP=4, PACK=4, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=m, BLOCK_N=n, PAGE=16, USE_ALIBI=True,
+                      KV_FP8=False)
             yield {"kernel": "paged-prefill", "head_dim": d, "shape": list(shape), "fixed": shape in chosen,
                    **resources(paged_prefill._paged_prefill_kernel, types, cx, w, s, arch)}
 
 
 def kv_write_rows(dtype: str, arch: int):
     types = {"K": f"*{dtype}", "V": f"*{dtype}", "KC": f"*{dtype}", "VC": f"*{dtype}", "Slots": "*i64",
-             "num_slots": "i64"}
+             "KScale": "*fp32", "VScale": "*fp32", "num_slots": "i64"}
     for d, hkv in ((8, 8), (128, 8), (256, 16)):
         block_d = triton.next_power_of_2(d)
         block_h = max(1, min(triton.next_power_of_2(hkv), 4096 // block_d))
-        cx = dict(PAGE=16, HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d)
+        cx = dict(PAGE=16, HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, FP8=False, FP8_MAX=448.0)
         yield {"kernel": "kv-write", "head_dim": d, "shape": [block_h, block_d, 4, 3], "fixed": True,
                **resources(kv_cache._kernel(), types, cx, 4, 3, arch)}
 
@@ -119,12 +124,13 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--kernels", nargs="+", default=["prefill", "decode", "kv-write", "paged-prefill"],
-                    choices=("prefill", "decode", "kv-write", "paged-prefill"))
+                    choices=("prefill", "decode", "decode-fp8", "kv-write", "paged-prefill"))
     args = ap.parse_args()
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"kernel-resources-sm{args.arch}.json")
     rows = []
     gens = {"prefill": prefill_rows, "decode": decode_rows, "kv-write": kv_write_rows,
-            "paged-prefill": paged_prefill_rows}
+            "paged-prefill": paged_prefill_rows,
+            "decode-fp8": lambda dtype, arch: decode_rows(dtype, arch, fp8=True)}
     for gen in (gens[k] for k in args.kernels):
         for row in gen(args.dtype, args.arch):
             rows.append(row)

@@ -51,6 +51,9 @@ def build_engine(spec: EngineSpec, gpu_share: float = 1.0, name: str = "") -> En
             logger.info("expert %s: continuous batching (paged engine, %s)", name,
                         engine.info().attention)
             return engine
+    if spec.kv_cache.dtype == "fp8":
+        raise ValueError(f"expert {name!r}: kv_cache.dtype fp8 needs the paged engine, which does not "
+                         f"run this expert ({reason})")
     logger.info("expert %s: static batching (%s)", name, reason)
     dev = next(model.parameters()).device
     return TransformersEngine(

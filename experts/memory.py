@@ -18,7 +18,7 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from frugalserve.experts.spec import DEFAULT_MEMORY_FRACTION
+from frugalserve.experts.engine_config import DEFAULT_MEMORY_FRACTION
 
 # Names of the autoscaling metrics an expert replica reports (`record_autoscaling_stats`).
 # cluster/autoscaling.py is cloudpickled into Serve's controller and imports only the stdlib, so it
@@ -111,6 +111,7 @@ class MemoryProfile:
     memory_fraction: float
     usable_bytes: int  # total × fraction − weights: what tokens in flight may take
     token_capacity: int  # usable_bytes // kv_bytes_per_token
+    kv_cache_dtype: str = ""  # what the KV cache stores: `dtype`, or float8_e4m3fn (1 byte per element)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -288,6 +289,7 @@ def profile_model(
         memory_fraction=memory_fraction,
         usable_bytes=usable,
         token_capacity=int(usable // kv),
+        kv_cache_dtype=str(compute_dtype).removeprefix("torch."),
     )
 
 

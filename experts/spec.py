@@ -12,6 +12,21 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+from frugalserve.experts.engine_config import (
+    DEFAULT_ADMISSION_DELAY_S,
+    DEFAULT_CUDA_GRAPHS,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_BATCHED_TOKENS,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_STREAM_INTERVAL_S,
+    kv_cache_dtype_name,
+)
+from frugalserve.experts.engine_config import (
+    DEFAULT_MAX_TOKENS as DEFAULT_MAX_TOKENS,  # re-exported: the values live in engine_config
+)
+from frugalserve.experts.engine_config import (
+    DEFAULT_MEMORY_FRACTION as DEFAULT_MEMORY_FRACTION,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MODELS_DIR = Path(__file__).resolve().parent / "zoo" / "models"  # the zoo's package data
@@ -29,10 +44,6 @@ def resolve_model_path(path: str) -> Path:
             raise ValueError(f"unknown builtin model {name!r}; shipped models: {shipped}")
         return resolved
     return Path(path).expanduser()
-
-
-DEFAULT_MAX_TOKENS = 64  # a chat request's max_tokens when it sets none
-DEFAULT_MEMORY_FRACTION = 0.9  # share of a replica's memory weights + KV cache may take
 
 
 def spec_default(model: type[BaseModel], name: str) -> Any:
@@ -59,19 +70,19 @@ class SchedulerSpec(BaseModel):
         "served; on = required (else an error); off = static batches through Serve's batcher"
     )
     max_batch_size: int = Field(
-        64, ge=1, le=1024, description="continuous: sequences running at once; static: requests "
+        DEFAULT_MAX_BATCH_SIZE, ge=1, le=1024, description="continuous: sequences running at once; static: requests "
         "per engine call"
     )
     max_batched_tokens: int = Field(
-        2048, ge=16, le=1_048_576, description="continuous: tokens one engine step computes "
+        DEFAULT_MAX_BATCHED_TOKENS, ge=16, le=1_048_576, description="continuous: tokens one engine step computes "
         "(prefill chunks + decodes); longer prompts are prefilled in chunks"
     )
     admission_delay_s: float = Field(
-        0.0, ge=0, le=1, description="continuous: while others decode, a newcomer waits up to "
+        DEFAULT_ADMISSION_DELAY_S, ge=0, le=1, description="continuous: while others decode, a newcomer waits up to "
         "this long so several prefills share one step"
     )
     stream_interval_s: float = Field(
-        0.05, ge=0, le=1, description="continuous: a streamed request gets its first token at "
+        DEFAULT_STREAM_INTERVAL_S, ge=0, le=1, description="continuous: a streamed request gets its first token at "
         "once, then its new tokens in chunks at most this often"
     )
 
@@ -81,8 +92,8 @@ class KVCacheSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    page_size: int = Field(16, ge=1, le=1024, description="tokens per KV-cache page")
-    cuda_graphs: bool = Field(True, description="replay decode steps from CUDA graphs (GPU only)")
+    page_size: int = Field(DEFAULT_PAGE_SIZE, ge=1, le=1024, description="tokens per KV-cache page")
+    cuda_graphs: bool = Field(DEFAULT_CUDA_GRAPHS, description="replay decode steps from CUDA graphs (GPU only)")
     memory_fraction: float = Field(
         DEFAULT_MEMORY_FRACTION, gt=0, le=1,
         description="share of device memory (or the budget) weights + tokens may use"
@@ -90,6 +101,17 @@ class KVCacheSpec(BaseModel):
     memory_budget_bytes: int | None = Field(
         None, gt=0, description="memory per replica instead of the device's (CPU: the RAM)"
     )
+    dtype: str = Field(
+        "auto", description="what the KV cache stores: auto = the model's dtype (bfloat16, float16, "
+        "float32 name it explicitly and must match it); fp8 = float8 e4m3 with per-layer, per-KV-head "
+        "scales calibrated at load: half the bytes per token of bf16 (paged engine; vLLM: its "
+        "kv_cache_dtype fp8)"
+    )
+
+    @field_validator("dtype")
+    @classmethod
+    def _kv_dtype(cls, value: str) -> str:
+        return kv_cache_dtype_name(value)
 
 
 class VLLMOptions(BaseModel):

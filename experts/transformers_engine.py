@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 from frugalserve.experts.engine import Admission, Engine, EngineInfo, SamplingParams, StreamDelta
+from frugalserve.experts.engine_config import DEFAULT_MAX_TOKENS, DEFAULT_MEMORY_FRACTION
 from frugalserve.experts.memory import TokenLedger, profile_model
 from frugalserve.experts.output import Choices, eos_token_ids, token_finish
 from frugalserve.experts.sampling import RowState, check_params, choose_tokens, row_state
-from frugalserve.experts.spec import DEFAULT_MAX_TOKENS, DEFAULT_MEMORY_FRACTION
 from frugalserve.experts.structured import Grammars
 
 logger = logging.getLogger(__name__)

@@ -77,6 +77,15 @@ def engine_args_from_spec(spec: EngineSpec, name: str) -> dict[str, Any]:
     if adapters:
         args["enable_lora"] = True
         args["max_loras"] = len(adapters)
+    if spec.kv_cache.dtype != "auto":
+        mapped = {"fp8": "fp8", "bfloat16": "bfloat16"}.get(spec.kv_cache.dtype)
+        if mapped is None:
+            raise ValueError(f"expert {name!r}: kv_cache.dtype {spec.kv_cache.dtype!r} has no vLLM "
+                             "kv_cache_dtype; use auto, bfloat16 or fp8")
+        if opts.kv_cache_dtype and opts.kv_cache_dtype != mapped:
+            raise ValueError(f"expert {name!r}: kv_cache.dtype ({spec.kv_cache.dtype}) and "
+                             f"vllm.kv_cache_dtype ({opts.kv_cache_dtype}) disagree; set one")
+        args["kv_cache_dtype"] = mapped
     args.update(opts.model_dump(exclude_none=True))
     if adapters and not args["enable_lora"]:
         raise ValueError(f"expert {name!r}: adapters need LoRA; vllm.enable_lora is false")

@@ -46,6 +46,24 @@ def check_same(tensors: dict[str, torch.Tensor], dtypes=SUPPORTED_DTYPES) -> Non
             raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, stride {t.stride(-1)}")
 
 
+def check_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_name: str = "k_cache",
+             v_name: str = "v_cache") -> bool:
+    """check_same for attention over a cache that holds q's dtype or fp8 (float8_e4m3fn); True for fp8."""
+    fp8 = k.dtype == torch.float8_e4m3fn
+    if not fp8:
+        check_same({"q": q, k_name: k, v_name: v})
+        return False
+    check_same({"q": q})
+    if v.dtype != k.dtype:
+        raise ValueError(f"dtype mismatch: {k_name} is {k.dtype} but {v_name} is {v.dtype}")
+    for name, t in ((k_name, k), (v_name, v)):
+        if t.device != q.device:
+            raise ValueError(f"device mismatch: q on {q.device} but {name} on {t.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last (head_dim) dimension, stride {t.stride(-1)}")
+    return True
+
+
 def check_slopes(slopes: torch.Tensor | None, num_heads: int, device: torch.device) -> torch.Tensor | None:
     if slopes is None:
         return None

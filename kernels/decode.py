@@ -4,6 +4,7 @@ One program per (sequence, KV head, context split): the Lq*G query rows that rea
 (Lq new tokens x G packed query heads) share every K/V tile it loads. Splits write partial
 (acc, max, sum) in fp32 and a second kernel reduces them, so a small batch with a long context still
 fills the GPU. The KV cache is [num_pages, page_size, Hkv, D] (vLLM's flash layout), any page size.
+An fp8 (e4m3) cache with per-KV-head scales is read and dequantized in the kernel (half the bytes of bf16).
 Head dims: checks.SUPPORTED_HEAD_DIMS, padded to a power-of-two BLOCK_D and masked; the key tile BLOCK_N
 shrinks for 256-wide heads (decode_block_n) so K/V tiles keep the size they have at d 128.
 """
@@ -17,25 +18,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_head_dim, check_heads, check_index, check_same, check_slopes
-from .kv_cache import write_kv_cache  # noqa: F401  (re-exported: the writer beside the reader)
+from .checks import check_head_dim, check_heads, check_index, check_kv, check_slopes
+from .kv_cache import (
+    check_scale,
+    write_kv_cache,  # noqa: F401  (re-exported: the writer beside the reader)
+)
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _decode_kernel(
-    Q, KC, VC, BT, Ctx, Slopes, Out, PartO, PartML,
+    Q, KC, VC, BT, Ctx, Slopes, Out, PartO, PartML, KScale, VScale,
     stride_qb, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_btb, stride_ob, stride_ot, stride_oh,
-    num_kv_heads, num_heads, num_splits, tokens_per_split, qk_scale,
+    num_kv_heads, num_heads, num_splits, tokens_per_split, qk_scale, stride_scale,
     GROUP: tl.constexpr, QLEN: tl.constexpr, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, USE_ALIBI: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
+    v_scale = 1.0
+    if KV_FP8:  # per-KV-head scales: K's folds into the logit scale, V's into the output
+        qk_scale = qk_scale * tl.load(KScale + kvh * stride_scale)
+        v_scale = tl.load(VScale + kvh * stride_scale)
     ctx = tl.load(Ctx + b)
     start = s * tokens_per_split
     end = tl.minimum(start + tokens_per_split, ctx)
@@ -70,6 +78,8 @@ def _decode_kernel(
                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_head + page[:, None] * stride_vp + slot[:, None] * stride_vs + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = k.to(q.dtype)  # fp8 -> fp16/bf16 is exact; a no-op for an fp16/bf16 cache
+        v = v.to(q.dtype)
         qk = tl.dot(q, k) * qk_scale
         if USE_ALIBI:
             qk += slope2[:, None] * (offs_n.to(tl.float32)[None, :] - q_posf[:, None])
@@ -81,6 +91,8 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if KV_FP8:
+        acc = acc * v_scale
 
     if SPLIT:
         # partials: PartO [B, QLEN, Hq, splits, BLOCK_D], PartML [2, B, QLEN, Hq, splits]
@@ -119,10 +131,16 @@ def _reduce_kernel(PartO, PartML, Out, stride_ob, stride_ot, stride_oh, num_head
              mask=offs_d < HEAD_DIM)
 
 
-def decode_block_n(head_dim: int) -> int:
+def decode_block_n(head_dim: int, kv_fp8: bool = False, rows: int = 16) -> int:
     """Keys per tile: 64 up to BLOCK_D 128 (measured on H200 at d 128), 32 beyond, so a K or V tile
-    stays 16 KB at bf16 (BLOCK_N x BLOCK_D x 2 bytes)."""
-    return 64 if triton.next_power_of_2(head_dim) <= 128 else 32
+    stays 16 KB at bf16 (BLOCK_N x BLOCK_D x 2 bytes). An fp8 cache takes twice the keys where the tile
+    of `rows` query rows x BLOCK_D is at most 16 x 128, so a tile moves the bytes of a bf16 tile (the bytes in
+    flight per program, which bound a bandwidth-bound loop). Compiled for sm90 (Triton 3.9, bf16 queries,
+    ALiBi, 4 warps): 16 x 128 rows x dims with 128 fp8 keys spill 56 bytes per thread (the bf16 default 112),
+    16 x 64 nothing; 64 x 128 with 128 keys would spill 640 (with 64: nothing), 16 x 256 with 64 keys 776 (32: 8)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    n = 64 if block_d <= 128 else 32
+    return 2 * n if kv_fp8 and rows * block_d <= 16 * 128 else n
 
 
 def _num_warps(block_r: int, block_d: int) -> int:
@@ -155,6 +173,8 @@ def paged_decode_attention(
     num_warps: int | None = None,
     num_stages: int = 2,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, Lq, Hq, D]: the last Lq tokens of each sequence, whose K/V are already in the cache;
     k/v_cache [num_pages, page_size, Hkv, D]; block_tables [B, max_pages] int32; context_lens [B]
@@ -162,9 +182,13 @@ def paged_decode_attention(
     reference.paged_decode_reference. A row with context_lens 0 (a padded row) returns zeros and
     reads neither its block-table row nor the cache.
 
+    An fp8 (float8_e4m3fn) cache is read with its float32 scales `k_scale`/`v_scale` ([Hkv], or [1]
+    for one scale per layer): K tiles are converted to q's dtype (exact) and the K scale folded into
+    the logit scale, the V scale applied to the output, so a key or value counts as cache x scale.
+
     `max_context_len` bounds every context_lens entry (tokens past it are not read); when None it
     is `context_lens.max()`, a device-to-host sync. `num_splits` (None: from the batch shape,
-    max_context_len and the SM count, all host values) and `block_n` (None: decode_block_n(D)) set
+    max_context_len and the SM count, all host values) and `block_n` (None: decode_block_n(D, fp8, rows)) set
     the grid, which depends on nothing else.
 
     CUDA-graph capture: capture-safe (no host sync, no host-to-device copy, nothing outside the
@@ -184,9 +208,12 @@ def paged_decode_attention(
     _, page, Hkv, Dk = k_cache.shape
     if Dk != D:
         raise ValueError(f"cache head_dim {Dk} != query head_dim {D}")
-    check_same({"q": q, "k_cache": k_cache, "v_cache": v_cache})
+    kv_fp8 = check_kv(q, k_cache, v_cache)
     check_head_dim(D)
     group = check_heads(Hq, Hkv)
+    if kv_fp8:
+        k_scale = check_scale("k_scale", k_scale, Hkv, q.device)
+        v_scale = check_scale("v_scale", v_scale, Hkv, q.device)
     if Lq < 1 or Lq * group > 128:
         raise ValueError(f"query tokens per sequence x heads per KV head = {Lq}x{group} must be in 1..128 "
                          "(use the prefill kernel for longer queries)")
@@ -200,7 +227,7 @@ def paged_decode_attention(
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device} with a contiguous last dim")
     if block_n is None:
-        block_n = decode_block_n(D)
+        block_n = decode_block_n(D, kv_fp8, max(16, triton.next_power_of_2(Lq * group)))
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     if B == 0:
@@ -230,10 +257,11 @@ def paged_decode_attention(
         num_stages = 1
     _decode_kernel[(B, Hkv, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, slopes if slopes is not None else q, out, part_o, part_ml,
+        k_scale if kv_fp8 else q, v_scale if kv_fp8 else q,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0), *out.stride()[:3],
-        Hkv, Hq, num_splits, per_split, scale * LOG2E,
+        Hkv, Hq, num_splits, per_split, scale * LOG2E, 1 if k_scale is not None and k_scale.numel() > 1 else 0,
         GROUP=group, QLEN=Lq, BLOCK_R=block_r, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_N=block_n, PAGE=page,
-        USE_ALIBI=slopes is not None, SPLIT=split, num_warps=num_warps, num_stages=num_stages,
+        USE_ALIBI=slopes is not None, SPLIT=split, KV_FP8=kv_fp8, num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         _reduce_kernel[(B * Lq * Hq,)](

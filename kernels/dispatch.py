@@ -21,13 +21,15 @@ import torch
 
 from . import reference
 from .checks import SUPPORTED_DTYPES, head_dim_problem
-from .kv_cache import KV_WRITE_DTYPES, write_kv_cache
+from .kv_cache import FP8_DTYPE, KV_WRITE_DTYPES, write_kv_cache
 
 KERNELS = ("prefill", "decode", "kv-write", "paged-prefill")
 MAX_DECODE_ROWS = 128  # query tokens x query heads per KV head in one decode tile
 
 logger = logging.getLogger("frugalserve.kernels")
 ENV = "FRUGALSERVE_ATTENTION"
+VARIANT_ENV = "FRUGALSERVE_PREFILL_VARIANT"  # "pointer" (default) or "tma": the prefill kernel's K/V loads
+PREFILL_VARIANTS = ("pointer", "tma")
 _logged: set[str] = set()
 
 
@@ -76,8 +78,12 @@ class KernelDecision:
     reason: str
 
 
-def _unsupported(kernel: str, dtype: torch.dtype, head_dim: int, group: int, query_len: int) -> str | None:
-    if kernel == "kv-write":  # a copy: any head dim, float32 too
+def _unsupported(kernel: str, dtype: torch.dtype, head_dim: int, group: int, query_len: int,
+                 kv_dtype: torch.dtype | None = None) -> str | None:
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
+    if kv_dtype not in (dtype, FP8_DTYPE):
+        return f"a {kv_dtype} KV cache with {dtype} inputs (the cache holds the inputs' dtype or {FP8_DTYPE})"
+    if kernel == "kv-write":  # a copy (or an fp8 quantization): any head dim, float32 too
         return None if dtype in KV_WRITE_DTYPES else f"dtype {dtype} (the kv-write kernel takes {KV_WRITE_DTYPES})"
     if dtype not in SUPPORTED_DTYPES:
         return f"dtype {dtype} (the {kernel} kernel takes {SUPPORTED_DTYPES})"
@@ -91,10 +97,11 @@ def _unsupported(kernel: str, dtype: torch.dtype, head_dim: int, group: int, que
 
 
 def decide(kernel: str, device: torch.device | str, dtype: torch.dtype, head_dim: int, num_heads: int,
-           num_kv_heads: int, *, query_len: int = 1) -> KernelDecision:
+           num_kv_heads: int, *, query_len: int = 1, kv_dtype: torch.dtype | None = None) -> KernelDecision:
     """Whether `kernel` ("prefill", "decode", "kv-write" or "paged-prefill") runs in Triton for this
     layout, and why: the decision every call makes (`query_len`: decode's query tokens per sequence;
-    paged prefill takes any). A pure function
+    paged prefill takes any; `kv_dtype`: the K/V cache's dtype, None for `dtype`, or
+    torch.float8_e4m3fn for an fp8 cache). A pure function
     of its arguments, the environment and the device, so an engine can report it at load time.
     Raises ValueError for an unknown kernel or a head layout no path can run."""
     if kernel not in KERNELS:
@@ -104,30 +111,58 @@ def decide(kernel: str, device: torch.device | str, dtype: torch.dtype, head_dim
     ok, reason = choose(device)
     if not ok:
         return KernelDecision(False, reason)
-    bad = _unsupported(kernel, dtype, head_dim, num_heads // num_kv_heads, query_len)
+    bad = _unsupported(kernel, dtype, head_dim, num_heads // num_kv_heads, query_len, kv_dtype)
     if bad is not None:
         return KernelDecision(False, f"unsupported input: {bad}")
     layout = f"{str(dtype).removeprefix('torch.')}, head_dim {head_dim}, {num_heads}/{num_kv_heads} heads"
+    if kv_dtype is not None and kv_dtype != dtype:
+        layout += f", {str(kv_dtype).removeprefix('torch.')} KV cache"
     return KernelDecision(True, f"{reason}; {layout} supported")
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, kernel: str = "prefill") -> str | None:
     """Why the kernel cannot take these tensors (the layout part of `decide`), or None."""
-    if k.dtype != q.dtype:
+    if k.dtype not in (q.dtype, FP8_DTYPE):
         return f"k dtype {k.dtype} != q dtype {q.dtype}"
     query_len = q.shape[1] if kernel == "decode" else 1
-    return _unsupported(kernel, q.dtype, q.shape[-1], q.shape[-2] // max(1, k.shape[-2]), query_len)
+    return _unsupported(kernel, q.dtype, q.shape[-1], q.shape[-2] // max(1, k.shape[-2]), query_len, k.dtype)
 
 
 def use_triton_for(q: torch.Tensor, k: torch.Tensor, what: str, kernel: str = "prefill") -> bool:
-    """The per-call decision for q [..., Hq, D] against k [..., Hkv, D], logged once per message."""
-    if k.dtype != q.dtype:
+    """The per-call decision for q [..., Hq, D] against k [..., Hkv, D] (q's dtype or fp8), logged
+    once per message."""
+    if k.dtype not in (q.dtype, FP8_DTYPE):
         ok, reason = False, f"unsupported input: k dtype {k.dtype} != q dtype {q.dtype}"
     else:
         query_len = q.shape[1] if kernel == "decode" else 1
-        d = decide(kernel, q.device, q.dtype, q.shape[-1], q.shape[-2], k.shape[-2], query_len=query_len)
+        d = decide(kernel, q.device, q.dtype, q.shape[-1], q.shape[-2], k.shape[-2], query_len=query_len,
+                   kv_dtype=k.dtype)
         ok, reason = d.use_triton, d.reason
     _log_once(f"{what}: {'triton' if ok else 'reference'} ({reason})")
+    return ok
+
+
+def prefill_variant(q, k, v, variant: str | None = None) -> tuple[bool, str]:
+    """(use the tensor-descriptor variant, why) for a prefill launch that runs in Triton. `variant` (else
+    FRUGALSERVE_PREFILL_VARIANT, else "pointer"): "pointer" is the default kernel; "tma" is opt-in, K/V read
+    through tl.make_tensor_descriptor (TMA on sm90+), and falls back to the pointer kernel where
+    prefill.tma_problem says it cannot run."""
+    variant = (variant or os.environ.get(VARIANT_ENV, "pointer")).lower()
+    if variant not in PREFILL_VARIANTS:
+        raise ValueError(f"prefill variant {variant!r} is not one of {PREFILL_VARIANTS}")
+    if variant == "pointer":
+        return False, "pointer loads (the default variant)"
+    from .prefill import tma_problem
+
+    problem = tma_problem(q, k, v)
+    if problem is not None:
+        return False, f"tma requested, pointer loads instead: {problem}"
+    return True, "tensor descriptors (tma)"
+
+
+def _use_tma(q, k, v, variant, what: str) -> bool:
+    ok, reason = prefill_variant(q, k, v, variant)
+    _log_once(f"{what}: {reason}")
     return ok
 
 
@@ -136,56 +171,66 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def attention(q, k, v, *, causal=True, alibi_slopes=None, scale=None, kv_lo=None, attn_mask=None,
-              autotune=True):
+              autotune=True, k_scale=None, v_scale=None, variant=None):
     """Padded-batch attention, [B, Sq, Hq, D] x [B, Sk, Hkv, D] -> [B, Sq, Hq, D]; see reference.py.
     An explicit bool `attn_mask` always takes the reference path. `autotune=False`: the kernel's
-    fixed config for the head dim (see prefill.flash_attention)."""
+    fixed config for the head dim (see prefill.flash_attention). fp8 k/v take `k_scale`/`v_scale`.
+    `variant`: the kernel's K/V loads, see prefill_variant."""
     if attn_mask is None and use_triton_for(q, k, "prefill attention"):
         from .prefill import flash_attention
 
         return flash_attention(q, k, v, causal=causal, alibi_slopes=alibi_slopes, scale=scale, kv_lo=kv_lo,
-                               autotune=autotune)
+                               autotune=autotune, k_scale=k_scale, v_scale=v_scale,
+                               tma=_use_tma(q, k, v, variant, "prefill attention"))
     if attn_mask is not None:
         _log_once("attention with an arbitrary mask: reference (the kernels take causal/left-padding only)")
     return reference.attention_reference(q, k, v, causal=causal, alibi_slopes=alibi_slopes, scale=scale,
-                                         kv_lo=kv_lo, attn_mask=attn_mask, compute_dtype=_compute_dtype(q))
+                                         kv_lo=kv_lo, attn_mask=attn_mask, compute_dtype=_compute_dtype(q),
+                                         k_scale=k_scale, v_scale=v_scale)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, *, causal=True, alibi_slopes=None,
-                     scale=None, autotune=True):
+                     scale=None, autotune=True, k_scale=None, v_scale=None, variant=None):
     """Packed variable-length attention [Tq, Hq, D] x [Tk, Hkv, D] -> [Tq, Hq, D]. A serving engine
     passes `autotune=False`: one fixed config per head dim, no autotuning benchmark mid-serving
-    (the autotune key has a length bucket: each new bucket would stall for seconds)."""
+    (the autotune key has a length bucket: each new bucket would stall for seconds). fp8 k/v (a
+    gathered fp8 cache) take `k_scale`/`v_scale`. `variant`: the kernel's K/V loads, see prefill_variant."""
     if use_triton_for(q, k, "varlen attention"):
         from .prefill import flash_attention_varlen
 
         return flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal=causal,
-                                      alibi_slopes=alibi_slopes, scale=scale, autotune=autotune)
+                                      alibi_slopes=alibi_slopes, scale=scale, autotune=autotune,
+                                      k_scale=k_scale, v_scale=v_scale,
+                                      tma=_use_tma(q, k, v, variant, "varlen attention"))
     return reference.varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
                                                 alibi_slopes=alibi_slopes, scale=scale,
-                                                compute_dtype=_compute_dtype(q))
+                                                compute_dtype=_compute_dtype(q), k_scale=k_scale,
+                                                v_scale=v_scale)
 
 
-def decode(q, k_cache, v_cache, block_tables, context_lens, *, alibi_slopes=None, scale=None, **kwargs):
+def decode(q, k_cache, v_cache, block_tables, context_lens, *, alibi_slopes=None, scale=None, k_scale=None,
+           v_scale=None, **kwargs):
     """Paged decode attention [B, Lq, Hq, D] -> [B, Lq, Hq, D]; see reference.paged_decode_reference.
     `kwargs` go to decode.paged_decode_attention (its docstring says which make it capture-safe);
-    the reference takes `max_context_len` of them."""
+    the reference takes `max_context_len` of them. An fp8 cache takes `k_scale`/`v_scale`."""
     if use_triton_for(q, k_cache, "paged decode attention", kernel="decode"):
         from .decode import paged_decode_attention
 
         return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens,
-                                      alibi_slopes=alibi_slopes, scale=scale, **kwargs)
+                                      alibi_slopes=alibi_slopes, scale=scale, k_scale=k_scale,
+                                      v_scale=v_scale, **kwargs)
     out = reference.paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens,
                                            alibi_slopes=alibi_slopes, scale=scale,
                                            compute_dtype=_compute_dtype(q),
-                                           max_context_len=kwargs.get("max_context_len"))
+                                           max_context_len=kwargs.get("max_context_len"),
+                                           k_scale=k_scale, v_scale=v_scale)
     if kwargs.get("out") is not None:
         return kwargs["out"].copy_(out)
     return out
 
 
 def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, max_seqlen_q, alibi_slopes=None,
-                  scale=None, out=None):
+                  scale=None, out=None, k_scale=None, v_scale=None):
     """Packed queries [T, Hq, D] of B sequences (rows cu_seqlens_q[b] : cu_seqlens_q[b+1], each
     sequence's last tokens) against a paged cache [num_pages, page_size, Hkv, D] through block_tables
     [B, max_pages], causal: one call for the decode rows and prefill chunks of a step. The Triton kernel
@@ -196,18 +241,20 @@ def paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, 
 
         return paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
                                        max_seqlen_q=max_seqlen_q, alibi_slopes=alibi_slopes, scale=scale,
-                                       out=out)
+                                       out=out, k_scale=k_scale, v_scale=v_scale)
     return reference.paged_prefill_reference(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
                                              alibi_slopes=alibi_slopes, scale=scale,
-                                             compute_dtype=_compute_dtype(q), out=out)
+                                             compute_dtype=_compute_dtype(q), out=out, k_scale=k_scale,
+                                             v_scale=v_scale)
 
 
-def write_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+def write_kv(key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None) -> None:
     """Write key/value [T, Hkv, D] into k/v_cache [num_pages, page_size, Hkv, D] at flat slots
-    `slot_mapping` [T] (< 0: skipped). The Triton kernel (no host sync, CUDA-graph capturable) or
-    the PyTorch reference; see kv_cache.py."""
+    `slot_mapping` [T] (< 0: skipped); an fp8 cache stores them quantized with `k_scale`/`v_scale`
+    (float32 [Hkv] or [1]). The Triton kernel (no host sync, CUDA-graph capturable) or the PyTorch
+    reference; see kv_cache.py."""
     if use_triton_for(key, key, "kv-cache write", kernel="kv-write"):  # cache shape/dtype: checked by both
         from .kv_cache import write_kv_cache_triton
 
-        return write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping)
-    return write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+        return write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)
+    return write_kv_cache(key, value, k_cache, v_cache, slot_mapping, k_scale=k_scale, v_scale=v_scale)

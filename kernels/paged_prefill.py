@@ -11,7 +11,8 @@ other cu_seqlens_q, seq_lens and block tables. Each tile is a FlashAttention-2 l
 to its diagonal; keys are read per token through the block table (as decode.py does), any page size.
 The query heads that share a KV head are packed into one tile (row r = token r // PACK, head r % PACK).
 Head dims: checks.SUPPORTED_HEAD_DIMS, padded to a power-of-two BLOCK_D and masked.
-Unsupported: float32 inputs, non-causal attention, sliding windows, soft-capping, quantized caches.
+An fp8 (e4m3) cache with per-KV-head scales is dequantized in the kernel.
+Unsupported: float32 inputs, non-causal attention, sliding windows, soft-capping, other quantized caches.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_head_dim, check_heads, check_index, check_same, check_slopes
+from .checks import check_head_dim, check_heads, check_index, check_kv, check_slopes
+from .kv_cache import check_scale
 
 LOG2E = 1.4426950408889634
 MAX_PACK = 16  # query heads per tile at most; larger groups are split into chunks
@@ -104,7 +106,7 @@ def _attend_blocks(acc, l_i, m_i, q, k_head, v_head, bt_row, stride_kp, stride_k
             k = tl.load(k_head + k_off[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         else:
             k = tl.load(k_head + k_off[None, :] + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-        qk = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        qk = tl.dot(q, k.to(q.dtype)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain; fp8 -> q dtype exact
         if USE_ALIBI:
             qk += slope2[:, None] * (offs_n.to(tl.float32)[None, :] - q_posf[:, None])
         if MASKED:
@@ -119,19 +121,20 @@ def _attend_blocks(acc, l_i, m_i, q, k_head, v_head, bt_row, stride_kp, stride_k
             v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         else:
             v = tl.load(v_head + v_off[:, None] + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
 def _paged_prefill_kernel(
-    Q, KC, VC, O, BT, CuQ, SeqLens, Slopes,  # noqa: E741
+    Q, KC, VC, O, BT, CuQ, SeqLens, Slopes, KScale, VScale,  # noqa: E741
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_btb,
-    num_seqs, num_chunks, max_pages, qk_scale,
+    num_seqs, num_chunks, max_pages, qk_scale, stride_scale,
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, USE_ALIBI: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     TOK: tl.constexpr = BLOCK_M // PACK  # query tokens per tile
     pid = tl.program_id(0)
@@ -145,6 +148,10 @@ def _paged_prefill_kernel(
     if (local < 0) | (local >= n_mblocks):  # past this sequence's queries (or a padded sequence)
         return
     m_blk = n_mblocks - 1 - local  # a sequence's heaviest (last) tiles are scheduled first
+    v_scale = 1.0
+    if KV_FP8:  # per-KV-head scales: K's folds into the logit scale, V's into the output
+        qk_scale = qk_scale * tl.load(KScale + kvh * stride_scale)
+        v_scale = tl.load(VScale + kvh * stride_scale)
     # keys past the block table cannot be read, whatever seq_lens says
     seq_len = tl.minimum(tl.load(SeqLens + b), max_pages * PAGE)
 
@@ -180,6 +187,8 @@ def _paged_prefill_kernel(
                                    stride_vp, stride_vs, offs_d, d_ok, q_pos, slope2, full_hi, hi, qk_scale,
                                    BLOCK_N, PAGE, True, USE_ALIBI)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows with no visible key give 0
+    if KV_FP8:
+        l_i = l_i / v_scale
     tl.store(O + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + offs_d[None, :],
              (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -196,9 +205,13 @@ def paged_prefill_attention(
     alibi_slopes: torch.Tensor | None = None,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries against a paged KV cache; semantics of
-    reference.paged_prefill_reference.
+    reference.paged_prefill_reference. An fp8 (float8_e4m3fn) cache is read with its float32
+    scales `k_scale`/`v_scale` ([Hkv] or [1]) and dequantized in the kernel, as in
+    decode.paged_decode_attention.
 
     q [T, Hq, D]: B sequences packed, sequence b's rows cu_seqlens_q[b] : cu_seqlens_q[b+1] (Lq_b >= 0
     rows; cu_seqlens_q [B+1] int, cu_seqlens_q[0] = 0, cu_seqlens_q[B] <= T) are its last Lq_b tokens:
@@ -229,9 +242,12 @@ def paged_prefill_attention(
     _, page, Hkv, Dk = k_cache.shape
     if Dk != D:
         raise ValueError(f"cache head_dim {Dk} != query head_dim {D}")
-    check_same({"q": q, "k_cache": k_cache, "v_cache": v_cache})
+    kv_fp8 = check_kv(q, k_cache, v_cache)
     check_head_dim(D)
     group = check_heads(Hq, Hkv)
+    if kv_fp8:
+        k_scale = check_scale("k_scale", k_scale, Hkv, q.device)
+        v_scale = check_scale("v_scale", v_scale, Hkv, q.device)
     if cu_seqlens_q.dim() != 1 or cu_seqlens_q.numel() < 2:
         raise ValueError(f"cu_seqlens_q must be [B+1] with B >= 1, got {tuple(cu_seqlens_q.shape)}")
     B = cu_seqlens_q.numel() - 1
@@ -256,9 +272,10 @@ def paged_prefill_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     _paged_prefill_kernel[(T // tok + B, Hkv * chunks)](
         q, k_cache, v_cache, out, tables, cu_q, lens, slopes if slopes is not None else q,
+        k_scale if kv_fp8 else q, v_scale if kv_fp8 else q,
         *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:2], tables.stride(0),
-        B, chunks, tables.shape[1], scale * LOG2E,
+        B, chunks, tables.shape[1], scale * LOG2E, 1 if k_scale is not None and k_scale.numel() > 1 else 0,
         GROUP=group, PACK=heads_per_tile, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_N=block_n,
-        PAGE=page, USE_ALIBI=slopes is not None, num_warps=warps, num_stages=stages,
+        PAGE=page, USE_ALIBI=slopes is not None, KV_FP8=kv_fp8, num_warps=warps, num_stages=stages,
     )
     return out

@@ -5,6 +5,7 @@ so each K/V tile is loaded once for all of them. Causal tiles skip key blocks ab
 apply masks only on the blocks that need them (diagonal, ragged tail, left padding).
 Head dims: checks.SUPPORTED_HEAD_DIMS (multiples of 8 up to 256), padded to a power-of-two BLOCK_D and
 masked; tile shapes are chosen per BLOCK_D class so a 256-wide head stays within shared memory.
+K/V may be fp8 (e4m3) with per-KV-head scales, dequantized in the kernel (a gathered fp8 paged cache).
 Unsupported: other head dims, float32 inputs, dropout, backward,
 sliding windows, soft-capping, arbitrary masks (use the reference).
 """
@@ -19,7 +20,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .checks import check_head_dim, check_heads, check_index, check_same, check_slopes
+from .checks import check_head_dim, check_heads, check_index, check_kv, check_slopes
+from .kv_cache import check_scale
 
 LOG2E = 1.4426950408889634
 MAX_PACK = 16  # query heads per tile at most; larger groups are split into chunks
@@ -95,20 +97,23 @@ def _block_d(head_dim: int) -> int:
 
 @triton.jit
 def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d, d_ok, q_pos, slope2,
-                 lo, hi, len_k, kv_lo, qk_scale,
+                 lo, hi, len_k, kv_lo, qk_scale, k_desc, v_desc, kvh,
                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                 USE_ALIBI: tl.constexpr):
+                 USE_ALIBI: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr):
     q_posf = q_pos.to(tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_n64 = offs_n.to(tl.int64)
         if MASKED:
             k_ok = (offs_n < len_k) & (offs_n >= kv_lo)
+        if TMA:  # a [BLOCK_N, 1, BLOCK_D] box of [len_k, Hkv, D]: rows past len_k, columns past D read as 0
+            k = tl.trans(k_desc.load([start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D))
+        elif MASKED:
             k = tl.load(k_base + offs_n64[None, :] * stride_kt + offs_d[:, None],
                         mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         else:
             k = tl.load(k_base + offs_n64[None, :] * stride_kt + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-        qk = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        qk = tl.dot(q, k.to(q.dtype)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain; fp8 -> q dtype exact
         if USE_ALIBI:
             qk += slope2[:, None] * (offs_n.to(tl.float32)[None, :] - q_posf[:, None])
         if MASKED:
@@ -122,27 +127,32 @@ def _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d,
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASKED:
+        if TMA:
+            v = v_desc.load([start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D).to(q.dtype)
+            if MASKED:  # left-padding rows are real memory: no 0 x garbage
+                v = tl.where(k_ok[:, None], v, 0.0).to(q.dtype)
+        elif MASKED:
             v = tl.load(v_base + offs_n64[:, None] * stride_vt + offs_d[None, :],
                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         else:
             v = tl.load(v_base + offs_n64[:, None] * stride_vt + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc)
         m_i = m_new
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(), key=["seq_bucket", "HEAD_DIM", "PACK", "CAUSAL", "USE_ALIBI", "VARLEN"],
+@triton.autotune(configs=_configs(), key=["seq_bucket", "HEAD_DIM", "PACK", "CAUSAL", "USE_ALIBI", "VARLEN", "KV_FP8",
+                                         "TMA"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, O, Slopes, CuQ, CuK, KvLo,  # noqa: E741
+    Q, K, V, O, Slopes, CuQ, CuK, KvLo, KScale, VScale,  # noqa: E741
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
-    seqlen_q, seqlen_k, num_kv_heads, num_chunks, qk_scale, seq_bucket,
+    seqlen_q, seqlen_k, num_kv_heads, num_chunks, qk_scale, seq_bucket, stride_scale,
     GROUP: tl.constexpr, PACK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_ALIBI: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_KV_LO: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_KV_LO: tl.constexpr, KV_FP8: tl.constexpr, TMA: tl.constexpr,
 ):
     TOK: tl.constexpr = BLOCK_M // PACK  # query tokens per tile
     pid_m = tl.program_id(0)
@@ -164,6 +174,10 @@ def _prefill_kernel(
     if pid_m >= n_mblocks:
         return
     m_blk = n_mblocks - 1 - pid_m  # heaviest (last) causal tiles are scheduled first
+    v_scale = 1.0
+    if KV_FP8:  # per-KV-head scales: K's folds into the logit scale, V's into the output
+        qk_scale = qk_scale * tl.load(KScale + kvh * stride_scale)
+        v_scale = tl.load(VScale + kvh * stride_scale)
     kv_lo = 0
     if HAS_KV_LO:
         kv_lo = tl.load(KvLo + b)
@@ -186,6 +200,15 @@ def _prefill_kernel(
 
     k_base = K + b64 * stride_kb + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
     v_base = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
+    k_desc = k_base
+    v_desc = v_base
+    if TMA:  # tensor descriptors (TMA on sm90+) over this sequence's [len_k, Hkv, D] keys and values
+        k_desc = tl.make_tensor_descriptor(K + b64 * stride_kb + k_start.to(tl.int64) * stride_kt,
+                                           shape=[len_k, num_kv_heads, HEAD_DIM], strides=[stride_kt, stride_kh, 1],
+                                           block_shape=[BLOCK_N, 1, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(V + b64 * stride_vb + k_start.to(tl.int64) * stride_vt,
+                                           shape=[len_k, num_kv_heads, HEAD_DIM], strides=[stride_vt, stride_vh, 1],
+                                           block_shape=[BLOCK_N, 1, BLOCK_D])
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -204,15 +227,17 @@ def _prefill_kernel(
     full_hi = tl.maximum(full_hi, full_lo)
     # 1) partial first block (left padding), 2) unmasked blocks, 3) diagonal and tail blocks
     acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d, d_ok, q_pos,
-                                 slope2, lo_blk, tl.minimum(full_lo, hi), len_k, kv_lo, qk_scale,
-                                 BLOCK_N, True, CAUSAL, USE_ALIBI)
+                                 slope2, lo_blk, tl.minimum(full_lo, hi), len_k, kv_lo, qk_scale, k_desc, v_desc, kvh,
+                                 BLOCK_N, True, CAUSAL, USE_ALIBI, TMA, BLOCK_D)
     acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d, d_ok, q_pos,
-                                 slope2, full_lo, full_hi, len_k, kv_lo, qk_scale,
-                                 BLOCK_N, False, CAUSAL, USE_ALIBI)
+                                 slope2, full_lo, full_hi, len_k, kv_lo, qk_scale, k_desc, v_desc, kvh,
+                                 BLOCK_N, False, CAUSAL, USE_ALIBI, TMA, BLOCK_D)
     acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_d, d_ok, q_pos,
-                                 slope2, full_hi, hi, len_k, kv_lo, qk_scale,
-                                 BLOCK_N, True, CAUSAL, USE_ALIBI)
+                                 slope2, full_hi, hi, len_k, kv_lo, qk_scale, k_desc, v_desc, kvh,
+                                 BLOCK_N, True, CAUSAL, USE_ALIBI, TMA, BLOCK_D)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    if KV_FP8:
+        l_i = l_i / v_scale
     out = acc / l_i[:, None]
     tl.store(O + b64 * stride_ob + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -224,7 +249,7 @@ def _pack(group: int) -> tuple[int, int]:
 
 
 def _launch(q, k, v, out, strides_q, strides_k, strides_v, strides_o, batch, seqlen_q, seqlen_k, max_q,
-            causal, slopes, scale, cu_q, cu_k, kv_lo, varlen, autotune):
+            causal, slopes, scale, cu_q, cu_k, kv_lo, varlen, autotune, k_scale=None, v_scale=None, tma=False):
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     num_kv_heads = k.shape[-2]
     group = num_heads // num_kv_heads
@@ -236,13 +261,18 @@ def _launch(q, k, v, out, strides_q, strides_k, strides_v, strides_o, batch, seq
     args = (
         q, k, v, out, slopes if slopes is not None else q, cu_q if cu_q is not None else dummy,
         cu_k if cu_k is not None else dummy, kv_lo if kv_lo is not None else dummy,
+        k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         *strides_q, *strides_k, *strides_v, *strides_o,
         seqlen_q, seqlen_k, num_kv_heads, chunks, scale * LOG2E,
         # the autotune key's length bucket; constant for the fixed config (no recompile per bucket)
         triton.next_power_of_2(max(max_q, 1)) if autotune else 0,
+        1 if k_scale is not None and k_scale.numel() > 1 else 0,
     )
     meta = dict(GROUP=group, PACK=pack, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), CAUSAL=causal,
-                USE_ALIBI=slopes is not None, VARLEN=varlen, HAS_KV_LO=kv_lo is not None)
+                USE_ALIBI=slopes is not None, VARLEN=varlen, HAS_KV_LO=kv_lo is not None,
+                KV_FP8=k_scale is not None, TMA=bool(tma))
+    if tma:
+        _set_allocator()
     if autotune:
         _prefill_kernel[grid](*args, **meta)
     else:
@@ -279,8 +309,15 @@ def flash_attention(
     kv_lo: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     autotune: bool = True,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
     """Padded batch: q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] (any strides, last dim contiguous), Sq <= Sk.
+    `tma=True`: the Hopper variant, K/V read through tensor descriptors (TMA), same semantics; ValueError
+    with tma_problem's reason where it cannot run.
+    k/v may be fp8 (float8_e4m3fn) with float32 scales `k_scale`/`v_scale` ([Hkv] or [1]): a key
+    counts as k x k_scale, dequantized in the kernel.
     Query i sits at key position i + Sk - Sq. `kv_lo` [B] int: keys before it are padding.
     Returns [B, Sq, Hq, D] (or writes `out`). See reference.attention_reference for the semantics.
 
@@ -292,7 +329,7 @@ def flash_attention(
     B, Sq, Hq, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
         raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
-    check_same({"q": q, "k": k, "v": v})
+    k_scale, v_scale = _kv_scales(q, k, v, k_scale, v_scale)
     check_head_dim(D)
     check_heads(Hq, k.shape[2])
     Sk = k.shape[1]
@@ -305,8 +342,11 @@ def flash_attention(
         out = torch.empty(B, Sq, Hq, D, dtype=q.dtype, device=q.device)
     if B == 0 or Sq == 0:
         return out
+    if tma and (problem := tma_problem(q, k, v)) is not None:
+        raise ValueError(f"the TMA prefill variant cannot run: {problem}")
     return _launch(q, k, v, out, q.stride()[:3], k.stride()[:3], v.stride()[:3], out.stride()[:3], B, Sq, Sk, Sq,
-                   causal, slopes, scale, None, None, kv_lo, varlen=False, autotune=autotune)
+                   causal, slopes, scale, None, None, kv_lo, varlen=False, autotune=autotune,
+                   k_scale=k_scale, v_scale=v_scale, tma=tma)
 
 
 def flash_attention_varlen(
@@ -322,15 +362,18 @@ def flash_attention_varlen(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     autotune: bool = True,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    tma: bool = False,
 ) -> torch.Tensor:
     """Packed sequences: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens_* [B+1] int32 (starts, then total).
     Each sequence's queries are its last Lq tokens (Lq <= Lk). Returns [Tq, Hq, D].
-    `autotune`: as in flash_attention."""
+    `autotune`, fp8 k/v with `k_scale`/`v_scale`, `tma`: as in flash_attention."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"varlen q/k/v must be 3-D [T, H, D], got {q.dim()}/{k.dim()}/{v.dim()} dims")
     if k.shape != v.shape or k.shape[2] != q.shape[2]:
         raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
-    check_same({"q": q, "k": k, "v": v})
+    k_scale, v_scale = _kv_scales(q, k, v, k_scale, v_scale)
     check_head_dim(q.shape[2])
     check_heads(q.shape[1], k.shape[1])
     if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.numel() < 2:
@@ -343,7 +386,44 @@ def flash_attention_varlen(
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if q.shape[0] == 0:
         return out
+    if tma and (problem := tma_problem(q, k, v)) is not None:
+        raise ValueError(f"the TMA prefill variant cannot run: {problem}")
     sq, sk, so = q.stride(), k.stride(), out.stride()
     return _launch(q, k, v, out, (0, sq[0], sq[1]), (0, sk[0], sk[1]), (0, v.stride(0), v.stride(1)),
                    (0, so[0], so[1]), B, 0, 0, int(max_seqlen_q), causal, slopes, scale, cu_q, cu_k, None,
-                   varlen=True, autotune=autotune)
+                   varlen=True, autotune=autotune, k_scale=k_scale, v_scale=v_scale, tma=tma)
+
+
+def tma_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None when the tensor-descriptor (TMA) variant can run on these tensors, else why not: it needs
+    tl.make_tensor_descriptor, compute capability 9.0+ (or the interpreter), and K/V whose strides and base
+    are multiples of 16 bytes (TMA's rule; D x element size for the head stride)."""
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return f"triton {triton.__version__} has no tl.make_tensor_descriptor"
+    if q.is_cuda and not _interpreting() and torch.cuda.get_device_capability(q.device)[0] < 9:
+        major, minor = torch.cuda.get_device_capability(q.device)
+        return f"tensor descriptors (TMA) need compute capability 9.0+, not {major}.{minor}"
+    for name, t in (("k", k), ("v", v)):
+        elt = t.element_size()
+        if t.data_ptr() % 16 or any(st * elt % 16 for st in t.stride()[:-1]):
+            return f"{name} strides {tuple(t.stride())} x {elt} bytes are not all multiples of 16 bytes"
+    return None
+
+
+_allocator_set = False
+
+
+def _set_allocator() -> None:
+    """In-kernel tensor descriptors need a scratch allocator on the GPU (triton.set_allocator)."""
+    global _allocator_set
+    if _allocator_set or _interpreting():
+        return
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    _allocator_set = True
+
+
+def _kv_scales(q, k, v, k_scale, v_scale):
+    """Checked (k_scale, v_scale) for fp8 k/v, (None, None) for k/v in q's dtype."""
+    if not check_kv(q, k, v, "k", "v"):
+        return None, None
+    return check_scale("k_scale", k_scale, k.shape[-2], q.device), check_scale("v_scale", v_scale, k.shape[-2], q.device)

@@ -10,6 +10,8 @@ Conventions shared with the kernels:
 - `kv_lo[b]` keys before that index are padding (left padding) and are masked.
 - GQA: query head h reads KV head h // (Hq // Hkv) (repeat_interleave).
 - rows with no visible key return 0.
+- fp8 (float8_e4m3fn) K/V come with float32 scales `k_scale`/`v_scale` ([Hkv] or [1]): a key is
+  `k.float() * k_scale[head]` (kv_cache.dequantize_kv), in the compute dtype.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .kv_cache import dequantize_kv
 
 
 def _expand_kv(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -35,6 +39,8 @@ def attention_reference(
     kv_lo: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Padded-batch attention. `attn_mask` (optional) is a bool [B|1, 1|Hq, Sq, Sk] (True = attend)
     combined with `causal`/`kv_lo`. Returns [B, Sq, Hq, D] in q's dtype."""
@@ -43,8 +49,8 @@ def attention_reference(
     group = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qf = q.to(compute_dtype).transpose(1, 2)  # [B, Hq, Sq, D]
-    kf = _expand_kv(k, group).to(compute_dtype).transpose(1, 2)
-    vf = _expand_kv(v, group).to(compute_dtype).transpose(1, 2)
+    kf = _expand_kv(dequantize_kv(k, k_scale, compute_dtype), group).transpose(1, 2)
+    vf = _expand_kv(dequantize_kv(v, v_scale, compute_dtype), group).transpose(1, 2)
     logits = (qf @ kf.transpose(-1, -2)) * scale  # [B, Hq, Sq, Sk]
     q_pos = torch.arange(Sq, device=q.device) + (Sk - Sq)
     k_pos = torch.arange(Sk, device=q.device)
@@ -76,6 +82,8 @@ def varlen_attention_reference(
     alibi_slopes: torch.Tensor | None = None,
     scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed variable-length attention: q [Tq, Hq, D], k/v [Tk, Hkv, D]. Returns [Tq, Hq, D]."""
     out = torch.zeros_like(q)
@@ -87,6 +95,7 @@ def varlen_attention_reference(
         out[qs:qe] = attention_reference(
             q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], causal=causal,
             alibi_slopes=alibi_slopes, scale=scale, compute_dtype=compute_dtype,
+            k_scale=k_scale, v_scale=v_scale,
         )[0]
     return out
 
@@ -109,6 +118,8 @@ def paged_decode_reference(
     scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
     max_context_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode against a paged cache: q [B, Lq, Hq, D] are the last Lq tokens of each sequence (their K/V
     already written); k/v_cache [num_pages, page_size, Hkv, D]; block_tables [B, max_pages];
@@ -135,8 +146,8 @@ def paged_decode_reference(
     k_pos = torch.arange(L, device=q.device)
     valid = k_pos[None, :] < ctx[:, None]  # [B, L]
     # [B, L, Hkv, D] -> [B, Hkv, 1, L, D]; the G query heads of a KV head share it (= repeat_interleave)
-    kf = k_cache[pages].flatten(1, 2)[:, :L].to(compute_dtype).permute(0, 2, 1, 3).unsqueeze(2)
-    vf = v_cache[pages].flatten(1, 2)[:, :L].to(compute_dtype)
+    kf = dequantize_kv(k_cache[pages].flatten(1, 2)[:, :L], k_scale, compute_dtype).permute(0, 2, 1, 3).unsqueeze(2)
+    vf = dequantize_kv(v_cache[pages].flatten(1, 2)[:, :L], v_scale, compute_dtype)
     vf = vf.masked_fill(~valid[:, :, None, None], 0.0).permute(0, 2, 1, 3).unsqueeze(2)  # no 0 * garbage
     qf = q.to(compute_dtype).view(B, Lq, Hkv, group, D).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Lq, D]
     logits = (qf @ kf.transpose(-1, -2)) * scale  # [B, Hkv, G, Lq, L]
@@ -162,6 +173,8 @@ def _paged_decode_loop(
     alibi_slopes: torch.Tensor | None = None,
     scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """paged_decode_reference one sequence at a time (gather, then attention_reference): the oracle
     the tests check the batched version against. Not a serving path."""
@@ -171,7 +184,7 @@ def _paged_decode_loop(
         vb = gather_paged_kv(v_cache, block_tables[b], length)[None]
         out[b] = attention_reference(
             q[b : b + 1], kb, vb, causal=True, alibi_slopes=alibi_slopes, scale=scale,
-            compute_dtype=compute_dtype,
+            compute_dtype=compute_dtype, k_scale=k_scale, v_scale=v_scale,
         )[0]
     return out
 
@@ -188,6 +201,8 @@ def paged_prefill_reference(
     scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed queries against a paged cache: q [T, Hq, D] holds B sequences, sequence b's rows
     cu_seqlens_q[b] : cu_seqlens_q[b+1] being its last Lq_b of seq_lens[b] tokens (their K/V already in
@@ -212,6 +227,6 @@ def paged_prefill_reference(
         vb = gather_paged_kv(v_cache, block_tables[b], n)[None]
         result[qs:qe] = attention_reference(
             q[None, qs:qe], kb, vb, causal=True, alibi_slopes=alibi_slopes, scale=scale,
-            compute_dtype=compute_dtype,
+            compute_dtype=compute_dtype, k_scale=k_scale, v_scale=v_scale,
         )[0]
     return result

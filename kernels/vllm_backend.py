@@ -6,9 +6,13 @@ workers) and maps `AttentionBackendEnum.CUSTOM` to `FrugalAttentionBackend`; the
 it with `attention_backend="CUSTOM"`. The impl runs our kernels through `dispatch` (Triton on CUDA,
 the reference elsewhere): requests with a one-token query go to the paged-decode kernel, the others
 (prefill, chunked prefill, prefix-cache hits) to the varlen prefill kernel over their whole context
-gathered from the paged cache. ALiBi slopes and GQA/MQA are supported; anything else the kernels
-lack (sliding window, soft-capping, sinks, fp8/quantized KV cache, fp32, other head sizes, encoder
-or cross attention) is refused with the reason, at validation where vLLM asks and in the impl.
+gathered from the paged cache. ALiBi slopes and GQA/MQA are supported, and vLLM's fp8 (e4m3) KV
+cache (`kv_cache_dtype` "fp8" / "fp8_e4m3": vLLM allocates it as bytes, viewed here as
+float8_e4m3fn, with the per-layer float32 scales `layer._k_scale` / `layer._v_scale`, quantized as
+x / scale on write and read back as cache x scale, as vLLM's own Triton backend does; queries stay
+unquantized). Anything else the kernels lack (sliding window, soft-capping, sinks, fp8_e5m2 and other
+quantized KV caches, fp32, other head sizes, encoder or cross attention) is refused with the reason,
+at validation where vLLM asks and in the impl.
 
 Only the ABCs come from vLLM. Subclassing vLLM's own Triton backend/impl would inherit capability
 flags our kernels do not have (sinks, sliding window, non-causal, fp8 KV, fused fp8 output quant),
@@ -26,6 +30,7 @@ import torch
 
 from .checks import HEAD_DIMS_TEXT, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from .vllm_compat import (
+    FP8_KV_CACHE_DTYPES,
     SUPPORTED_TEXT,
     VLLMUnavailableError,
     import_vllm,
@@ -39,7 +44,8 @@ __all__ = ["SUPPORTED_TEXT", "VLLMUnavailableError", "split_kv_cache", "register
 CLASS_PATH = f"{__name__}.FrugalAttentionBackend"
 _CLASSES = ("FrugalAttentionBackend", "FrugalAttentionImpl", "FrugalAttentionMetadata",
             "FrugalAttentionMetadataBuilder")
-_SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+_SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3")
+_FP8_KV_CACHE_DTYPES = FP8_KV_CACHE_DTYPES
 
 
 def register() -> str:
@@ -138,9 +144,14 @@ def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(starts, lengths) + offsets
 
 
-def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
+def is_fp8_kv_cache(kv_cache_dtype: str) -> bool:
+    return kv_cache_dtype in _FP8_KV_CACHE_DTYPES
+
+
+def write_kv(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     """Scatter key/value [T, Hkv, D] into strided caches [num_blocks, block_size, Hkv, D] at flat
-    slots `block * block_size + offset`; slots < 0 (padding) are skipped."""
+    slots `block * block_size + offset`; slots < 0 (padding) are skipped. fp8 caches store
+    `clamp(x / scale, -448, 448)` in e4m3 (kv_cache.quantize_fp8; vLLM's per-layer scalar scales)."""
     n = min(key.shape[0], slot_mapping.shape[0])
     slots = slot_mapping[:n].long()
     keep = slots >= 0
@@ -148,6 +159,13 @@ def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
         slots, key, value = slots[keep], key[:n][keep], value[:n][keep]
     else:
         key, value = key[:n], value[:n]
+    if key_cache.dtype == torch.float8_e4m3fn:
+        from .kv_cache import quantize_fp8
+
+        # index_put_ has no fp8 kernel on CPU: write the bytes
+        key = quantize_fp8(key, k_scale.float().reshape(-1)).view(torch.uint8)
+        value = quantize_fp8(value, v_scale.float().reshape(-1)).view(torch.uint8)
+        key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     block_size = key_cache.shape[1]
     blocks, offsets = slots // block_size, slots % block_size
     key_cache[blocks, offsets] = key
@@ -155,17 +173,23 @@ def write_kv(key, value, key_cache, value_cache, slot_mapping) -> None:
 
 
 def attend(query, key_cache, value_cache, block_table, seq_lens, plan, out, *, scale, alibi_slopes,
-           max_seq_len=None) -> None:
+           max_seq_len=None, k_scale=None, v_scale=None) -> None:
     """Attention of query [T, Hq, D] over the paged cache (new K/V already written) into out
     [T, Hq, D], as `plan` splits the batch: one-token queries through the paged-decode kernel, the
-    rest through the varlen prefill kernel on their gathered context."""
+    rest through the varlen prefill kernel on their gathered context. An fp8 cache is read with
+    `k_scale`/`v_scale` (float32, [1] or [Hkv])."""
     from . import dispatch
 
+    if key_cache.dtype == torch.float8_e4m3fn:
+        k_scale, v_scale = (s.float().reshape(-1) for s in (k_scale, v_scale))
+    else:
+        k_scale = v_scale = None
     if plan.decode_tokens.numel():
         reqs, toks = plan.decode_reqs, plan.decode_tokens
         q = query[toks][:, None]  # [Bd, 1, Hq, D]
         res = dispatch.decode(q, key_cache, value_cache, block_table[reqs], seq_lens[reqs],
-                              alibi_slopes=alibi_slopes, scale=scale, max_context_len=max_seq_len)
+                              alibi_slopes=alibi_slopes, scale=scale, max_context_len=max_seq_len,
+                              k_scale=k_scale, v_scale=v_scale)
         out[toks] = res[:, 0]
     if plan.prefill_tokens.numel():
         block_size = key_cache.shape[1]
@@ -175,7 +199,8 @@ def attend(query, key_cache, value_cache, block_table, seq_lens, plan, out, *, s
         v = value_cache[blocks, pos % block_size]
         res = dispatch.attention_varlen(query[plan.prefill_tokens], k, v, plan.prefill_cu_q,
                                         plan.prefill_cu_k, plan.prefill_max_q, causal=True,
-                                        alibi_slopes=alibi_slopes, scale=scale)
+                                        alibi_slopes=alibi_slopes, scale=scale, k_scale=k_scale,
+                                        v_scale=v_scale)
         out[plan.prefill_tokens] = res
 
 
@@ -304,7 +329,8 @@ def _define() -> dict:
                                  else torch.tensor(alibi_slopes, dtype=torch.float32))
 
         def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-            key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+            # fp8: the byte cache viewed as e4m3 (vLLM's Triton writer cannot store into uint8)
+            key_cache, value_cache = split_kv_cache(kv_cache, self.head_size, self.kv_cache_dtype)
             if key_cache.is_cuda:  # vLLM's own writer for this layout: no host sync on padding
                 from vllm.v1.attention.ops.triton_reshape_and_cache_flash import (
                     triton_reshape_and_cache_flash,
@@ -313,7 +339,8 @@ def _define() -> dict:
                 triton_reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping,
                                                self.kv_cache_dtype, layer._k_scale, layer._v_scale)
             else:
-                write_kv(key, value, key_cache, value_cache, slot_mapping)
+                write_kv(key, value, key_cache, value_cache, slot_mapping, getattr(layer, "_k_scale", None),
+                         getattr(layer, "_v_scale", None))
 
         def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                     output_scale=None, output_block_scale=None):
@@ -325,13 +352,14 @@ def _define() -> dict:
             if attn_metadata.causal is not True:
                 raise NotImplementedError("frugalserve's attention backend is causal only")
             n = attn_metadata.num_actual_tokens
-            key_cache, value_cache = split_kv_cache(kv_cache, self.head_size)
+            key_cache, value_cache = split_kv_cache(kv_cache, self.head_size, self.kv_cache_dtype)
             if self.alibi_slopes is not None and self.alibi_slopes.device != query.device:
                 self.alibi_slopes = self.alibi_slopes.to(query.device)
             out = output[:n].view(n, self.num_heads, self.head_size)
             attend(query[:n].reshape(n, self.num_heads, self.head_size), key_cache, value_cache,
                    attn_metadata.block_table, attn_metadata.seq_lens, attn_metadata.plan, out,
-                   scale=self.scale, alibi_slopes=self.alibi_slopes, max_seq_len=attn_metadata.max_seq_len)
+                   scale=self.scale, alibi_slopes=self.alibi_slopes, max_seq_len=attn_metadata.max_seq_len,
+                   k_scale=getattr(layer, "_k_scale", None), v_scale=getattr(layer, "_v_scale", None))
             return output
 
     classes = {c.__name__: c for c in (FrugalAttentionMetadata, FrugalAttentionMetadataBuilder,

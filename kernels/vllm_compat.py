@@ -77,13 +77,23 @@ def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_siz
     return (num_blocks, 2, block_size, num_kv_heads, head_size)
 
 
-def split_kv_cache(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")  # e4m3 on CUDA (vLLM's current_platform.fp8_dtype())
+
+
+def split_kv_cache(kv_cache: torch.Tensor, head_size: int, kv_cache_dtype: str = "auto",
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V views `[num_blocks, block_size, Hkv, head_size]` (the layout our kernels read, at any
     strides) of one layer's vLLM cache, in either release's logical shape:
 
     - 0.24: `[num_blocks, 2, block_size, Hkv, head_size]`
     - 0.33: `[num_blocks, Hkv, block_size, 2 * head_size]`, physical strides set by the layout
-      vLLM resolved (LBNHC, LBHNC, ...)."""
+      vLLM resolved (LBNHC, LBHNC, ...).
+
+    An fp8 `kv_cache_dtype`'s cache (vLLM allocates it as uint8) is viewed as float8_e4m3fn."""
+    if kv_cache_dtype in FP8_KV_CACHE_DTYPES and kv_cache.dtype != torch.float8_e4m3fn:
+        if kv_cache.element_size() != 1:
+            raise ValueError(f"an fp8 KV cache must hold bytes, got {kv_cache.dtype}")
+        kv_cache = kv_cache.view(torch.float8_e4m3fn)
     if kv_cache.dim() == 5 and kv_cache.shape[1] == 2 and kv_cache.shape[-1] == head_size:
         key_cache, value_cache = kv_cache.unbind(1)
         return key_cache, value_cache

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from frugalserve.experts.engine import (
@@ -30,6 +30,17 @@ from frugalserve.experts.engine import (
     GenerationRequest,
     PromptTooLongError,
     StreamDelta,
+)
+from frugalserve.experts.engine_config import (
+    DEFAULT_ADMISSION_DELAY_S,
+    DEFAULT_CUDA_GRAPHS,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_BATCHED_TOKENS,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MEMORY_FRACTION,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_STREAM_INTERVAL_S,
+    kv_cache_dtype_name,
 )
 from frugalserve.experts.memory import (
     BYTES_IN_USE,
@@ -45,24 +56,25 @@ from frugalserve.experts.memory import (
 from frugalserve.experts.output import Choices, eos_token_ids
 from frugalserve.experts.paged.block_manager import BlockManager
 from frugalserve.experts.paged.core import EngineCore, TokenOutput
+from frugalserve.experts.paged.kv_scales import (
+    calibrate_kv_scales,
+    calibration_prompts,
+    resolve_kv_dtype,
+)
 from frugalserve.experts.paged.models import PagedModel, paged_model_for
 from frugalserve.experts.paged.runner import ModelRunner, cache_pages
 from frugalserve.experts.paged.scheduler import Scheduled, SchedulerConfig, Step
 from frugalserve.experts.paged.sequence import Sequence
 from frugalserve.experts.sampling import RowState, check_params, row_state
-from frugalserve.experts.spec import (
-    DEFAULT_MAX_TOKENS,
-    EngineSpec,
-    KVCacheSpec,
-    SchedulerSpec,
-)
-from frugalserve.experts.spec import spec_default as _default
 from frugalserve.experts.structured import Grammars
 from frugalserve.experts.transformers_engine import (
     load_model,
     model_context_limit,
     model_parameters,
 )
+
+if TYPE_CHECKING:  # the spec is pydantic; the engine's import chain is not (the GPU image has no pydantic)
+    from frugalserve.experts.spec import EngineSpec
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +84,22 @@ class PagedConfig:
     """The paged engine's knobs: the engine spec's `scheduler` and `kv_cache` sections, whose
     defaults these are."""
 
-    max_num_seqs: int = _default(SchedulerSpec, "max_batch_size")
-    max_num_batched_tokens: int = _default(SchedulerSpec, "max_batched_tokens")
-    admission_delay_s: float = _default(SchedulerSpec, "admission_delay_s")
-    page_size: int = _default(KVCacheSpec, "page_size")
+    max_num_seqs: int = DEFAULT_MAX_BATCH_SIZE
+    max_num_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS
+    admission_delay_s: float = DEFAULT_ADMISSION_DELAY_S
+    page_size: int = DEFAULT_PAGE_SIZE
     # share of the replica's memory weights + cache + activations take
-    memory_fraction: float = _default(KVCacheSpec, "memory_fraction")
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION
     memory_budget_bytes: int | None = None  # instead of the device's memory (x gpu_share)
     gpu_share: float = 1.0  # the replica's fraction of its GPU (Ray's num_gpus)
-    cuda_graphs: bool = _default(KVCacheSpec, "cuda_graphs")
+    cuda_graphs: bool = DEFAULT_CUDA_GRAPHS
     # streamed tokens are handed over in chunks of this period
-    stream_interval_s: float = _default(SchedulerSpec, "stream_interval_s")
+    stream_interval_s: float = DEFAULT_STREAM_INTERVAL_S
+    # what the cache stores: auto (the model's dtype), its name, or fp8 (e4m3, scales calibrated at load)
+    kv_cache_dtype: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "kv_cache_dtype", kv_cache_dtype_name(self.kv_cache_dtype))
 
     @classmethod
     def from_spec(cls, spec: EngineSpec, gpu_share: float = 1.0) -> PagedConfig:
@@ -91,7 +108,7 @@ class PagedConfig:
                    admission_delay_s=s.admission_delay_s, stream_interval_s=s.stream_interval_s,
                    page_size=kv.page_size, memory_fraction=kv.memory_fraction,
                    memory_budget_bytes=kv.memory_budget_bytes, gpu_share=gpu_share,
-                   cuda_graphs=kv.cuda_graphs and spec.quantization == "none")
+                   cuda_graphs=kv.cuda_graphs and spec.quantization == "none", kv_cache_dtype=kv.dtype)
 
 
 @dataclass
@@ -135,13 +152,15 @@ class PagedEngine(Engine):
         self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_ids)
         self.paged = paged or paged_model_for(model, self._max_context)
         self.device = self.paged.device
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.paged.dtype)
+        self.kv_scales = self._calibrate() if self.kv_dtype == torch.float8_e4m3fn else None
         self._weights = weight_bytes(model)
         sched = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                 config.admission_delay_s)
         budget, reserved, activation = self._size_memory(config)
         num_pages = cache_pages(self.paged, config.page_size, max_num_seqs=config.max_num_seqs,
                                 max_context=self._max_context, budget_bytes=budget,
-                                reserved_bytes=reserved)
+                                reserved_bytes=reserved, kv_dtype=self.kv_dtype)
         if num_pages < 2:  # the scratch page and one more; admission refuses what cannot fit
             raise InsufficientMemoryError(
                 f"{self.name}: {budget / 2**20:.0f} MiB budget leaves no room for a KV cache after "
@@ -151,7 +170,8 @@ class PagedEngine(Engine):
         self.runner = ModelRunner(self.paged, self.blocks, max_num_seqs=config.max_num_seqs,
                                   max_context=self._max_context, eos_ids=self.eos_ids,
                                   cuda_graphs=config.cuda_graphs,
-                                  max_num_batched_tokens=config.max_num_batched_tokens)
+                                  max_num_batched_tokens=config.max_num_batched_tokens,
+                                  kv_dtype=self.kv_dtype, kv_scales=self.kv_scales)
         self.core = EngineCore(self.runner, sched, self.blocks, self.eos_ids)
         self._profile = self._memory_profile(budget, activation)
         self._ids = itertools.count()
@@ -184,6 +204,18 @@ class PagedEngine(Engine):
             kwargs["config"] = PagedConfig(**{**config.__dict__, "cuda_graphs": False})
         return cls(model, tokenizer, quantization=quantization, **kwargs)
 
+    # -- fp8 scales ------------------------------------------------------------------------
+
+    def _calibrate(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer K/V scales from a prefill of the built-in calibration prompts (kv_scales.py)."""
+        prompts = calibration_prompts(self.tokenizer, self.vocab_size, min(256, self._max_context))
+        k, v = calibrate_kv_scales(self.paged, prompts)
+        logger.info("paged engine %s: fp8 KV cache, scales calibrated on %d prompts (%d tokens): K %.3g..%.3g, "
+                    "V %.3g..%.3g", self.name, len(prompts), sum(map(len, prompts)),
+                    min(float(s.min()) for s in k), max(float(s.max()) for s in k),
+                    min(float(s.min()) for s in v), max(float(s.max()) for s in v))
+        return k, v
+
     # -- memory ----------------------------------------------------------------------------
 
     def _size_memory(self, config: PagedConfig) -> tuple[float, float, float]:
@@ -214,7 +246,8 @@ class PagedEngine(Engine):
         n = max(1, min(config.max_num_batched_tokens, self._max_context - 1))
         blocks = BlockManager(math.ceil(n / config.page_size) + 1, config.page_size)
         runner = ModelRunner(self.paged, blocks, max_num_seqs=1, max_context=self._max_context,
-                             eos_ids=self.eos_ids, cuda_graphs=False)
+                             eos_ids=self.eos_ids, cuda_graphs=False, kv_dtype=self.kv_dtype,
+                             kv_scales=self.kv_scales)
         seq = Sequence(-1, [1] * n, n, 1)
         blocks.allocate(seq, n)
         step = Step(prefills=[Scheduled(seq, 0, n, sample=True)])
@@ -228,10 +261,10 @@ class PagedEngine(Engine):
         return float(peak)
 
     def _memory_profile(self, budget: float, activation: float) -> MemoryProfile:
-        m, page = self.paged, self.config.page_size
-        per_token = ModelRunner.page_bytes(m, page) / page
+        m, page, kv = self.paged, self.config.page_size, self.kv_dtype
+        per_token = ModelRunner.page_bytes(m, page, kv) / page
         cache = self.runner.cache_bytes
-        dtype_bytes = torch.empty((), dtype=m.dtype).element_size()
+        dtype_bytes = kv.itemsize  # fp8: 1, half of bf16
         analytic = m.num_layers * m.num_kv_heads * m.head_dim * 2 * dtype_bytes
         return MemoryProfile(
             model=self.name, device=str(self.device), dtype=str(m.dtype).removeprefix("torch."),
@@ -245,8 +278,9 @@ class PagedEngine(Engine):
             total_source="budget" if self.config.memory_budget_bytes else (
                 "cuda" if self.device.type == "cuda" else "ram"),
             memory_fraction=self.config.memory_fraction,
-            usable_bytes=int(ModelRunner.page_bytes(m, page) * self.blocks.num_usable),
+            usable_bytes=int(ModelRunner.page_bytes(m, page, kv) * self.blocks.num_usable),
             token_capacity=self.blocks.num_usable * page,
+            kv_cache_dtype=str(kv).removeprefix("torch."),
         )
 
     # -- contract --------------------------------------------------------------------------
@@ -267,7 +301,8 @@ class PagedEngine(Engine):
                      "num_pages": self.blocks.num_pages, "cache_bytes": self.runner.cache_bytes,
                      "max_num_seqs": c.max_num_seqs,
                      "max_num_batched_tokens": c.max_num_batched_tokens,
-                     "admission_delay_s": c.admission_delay_s},
+                     "admission_delay_s": c.admission_delay_s,
+                     "kv_cache_dtype": str(self.kv_dtype).removeprefix("torch.")},
         )
 
     def admit(self, request: GenerationRequest) -> Admission:

@@ -8,7 +8,9 @@ and attends over the cache:
 - a step with prefill chunks uses the paged prefill kernel for all its rows at once: each
   sequence's new tokens attend to everything its pages hold, the chunk itself included.
 On CPU the same code runs the kernels' PyTorch references (`frugalserve.kernels.dispatch`
-decides, once, and says why). On GPU every step replays a CUDA graph: decode steps one captured
+decides, once, and says why). An fp8 cache (`kv_dtype` float8_e4m3fn) holds K/V quantized with
+per-layer, per-KV-head scales (`kv_scales`, calibrated by the engine): the KV write quantizes, the
+attention kernels (or references) dequantize. On GPU every step replays a CUDA graph: decode steps one captured
 per batch-size bucket, mixed steps one per total-token bucket (up to `max_num_seqs` sequences);
 the launch grids depend only on the bucket, so one graph serves any mix that fits it.
 """
@@ -69,7 +71,8 @@ class _Graphs:
 class ModelRunner:
     def __init__(self, model: PagedModel, blocks: BlockManager, *, max_num_seqs: int,
                  max_context: int, eos_ids: frozenset[int], cuda_graphs: bool = True,
-                 max_num_batched_tokens: int = 2048):
+                 max_num_batched_tokens: int = 2048, kv_dtype: torch.dtype | None = None,
+                 kv_scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None):
         self.model = model
         self.eos_ids = eos_ids
         self.blocks = blocks
@@ -80,12 +83,20 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_tokens = max_num_batched_tokens
         self.pages_per_seq = blocks.pages_for(max_context)
+        self.kv_dtype = kv_dtype or self.dtype
         shape = (blocks.num_pages, blocks.page_size, model.num_kv_heads, model.head_dim)
         # torch.empty: on CPU the OS backs only the pages the load touches.
-        self.k_cache = [torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.k_cache = [torch.empty(shape, dtype=self.kv_dtype, device=self.device)
                         for _ in range(model.num_layers)]
-        self.v_cache = [torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = [torch.empty(shape, dtype=self.kv_dtype, device=self.device)
                         for _ in range(model.num_layers)]
+        self.k_scale: list[torch.Tensor | None] = [None] * model.num_layers
+        self.v_scale: list[torch.Tensor | None] = [None] * model.num_layers
+        if self.kv_dtype == torch.float8_e4m3fn:
+            if kv_scales is None:
+                raise ValueError("an fp8 KV cache needs its per-layer scales (kv_scales)")
+            self.k_scale = [s.to(self.device, torch.float32).contiguous() for s in kv_scales[0]]
+            self.v_scale = [s.to(self.device, torch.float32).contiguous() for s in kv_scales[1]]
         self.meta: AttnMeta | None = None
         self.graph_steps = 0
         self.eager_steps = 0
@@ -99,9 +110,9 @@ class ModelRunner:
     # -- facts -----------------------------------------------------------------------------
 
     @staticmethod
-    def page_bytes(model: PagedModel, page_size: int) -> int:
-        """Bytes one page takes over all layers, K and V."""
-        elt = torch.empty((), dtype=model.dtype).element_size()
+    def page_bytes(model: PagedModel, page_size: int, kv_dtype: torch.dtype | None = None) -> int:
+        """Bytes one page takes over all layers, K and V, in `kv_dtype` (default: the model's)."""
+        elt = (kv_dtype or model.dtype).itemsize
         return model.num_layers * 2 * page_size * model.num_kv_heads * model.head_dim * elt
 
     @property
@@ -118,8 +129,10 @@ class ModelRunner:
         plan = {}
         for kernel in ("paged-prefill", "decode", "kv-write"):
             d = dispatch.decide(kernel, self.device, self.dtype, m.head_dim, m.num_heads,
-                                m.num_kv_heads)
+                                m.num_kv_heads, kv_dtype=self.kv_dtype)
             plan[kernel] = f"{'triton' if d.use_triton else 'reference'} ({d.reason})"
+        plan["kv_cache"] = str(self.kv_dtype).removeprefix("torch.") + (
+            ", per-layer per-KV-head scales calibrated at load" if self.kv_dtype == torch.float8_e4m3fn else "")
         plan["cuda_graphs"] = (
             f"decode steps of 1..{self.max_num_seqs} sequences and mixed steps of up to "
             f"{self.mixed_graphs.sizes[-1]} tokens" if self.cuda_graphs else "off")
@@ -130,15 +143,16 @@ class ModelRunner:
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta, m = self.meta, self.model
         kc, vc = self.k_cache[layer], self.v_cache[layer]
-        dispatch.write_kv(k, v, kc, vc, meta.slot_mapping)
+        scales = dict(k_scale=self.k_scale[layer], v_scale=self.v_scale[layer])
+        dispatch.write_kv(k, v, kc, vc, meta.slot_mapping, **scales)
         if meta.decode_only:
             return dispatch.decode(q[:, None], kc, vc, meta.block_tables, meta.seq_lens,
                                    alibi_slopes=m.alibi, scale=m.scale,
                                    max_context_len=meta.max_context,
-                                   num_splits=meta.num_splits)[:, 0]
+                                   num_splits=meta.num_splits, **scales)[:, 0]
         return dispatch.paged_prefill(q, kc, vc, meta.block_tables, meta.cu_q, meta.seq_lens,
                                       max_seqlen_q=meta.max_q, alibi_slopes=m.alibi,
-                                      scale=m.scale)
+                                      scale=m.scale, **scales)
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -319,9 +333,9 @@ def _tensor(values, device: torch.device) -> torch.Tensor:
 
 
 def cache_pages(model: PagedModel, page_size: int, *, max_num_seqs: int, max_context: int,
-                budget_bytes: float, reserved_bytes: float) -> int:
+                budget_bytes: float, reserved_bytes: float, kv_dtype: torch.dtype | None = None) -> int:
     """Pages for the KV cache: what the budget leaves after `reserved_bytes` (weights,
     activations, graphs), and never more than `max_num_seqs` full contexts need (+ scratch)."""
     need = max_num_seqs * math.ceil(max_context / page_size) + 1
     free = max(0.0, budget_bytes - reserved_bytes)
-    return int(min(need, free // ModelRunner.page_bytes(model, page_size)))
+    return int(min(need, free // ModelRunner.page_bytes(model, page_size, kv_dtype)))

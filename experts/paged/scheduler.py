@@ -17,19 +17,23 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from frugalserve.experts.engine_config import (
+    DEFAULT_ADMISSION_DELAY_S,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_BATCHED_TOKENS,
+)
 from frugalserve.experts.paged.block_manager import BlockManager
 from frugalserve.experts.paged.sequence import Sequence, Status
-from frugalserve.experts.spec import SchedulerSpec, spec_default
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = spec_default(SchedulerSpec, "max_batch_size")  # sequences running at once
+    max_num_seqs: int = DEFAULT_MAX_BATCH_SIZE  # sequences running at once
     # tokens one step computes (prefill chunks + decodes)
-    max_num_batched_tokens: int = spec_default(SchedulerSpec, "max_batched_tokens")
+    max_num_batched_tokens: int = DEFAULT_MAX_BATCHED_TOKENS
     # While sequences decode, a newcomer waits up to this long so that several prefills share one
     # (eager, uncaptured) step instead of each interrupting the fast captured decode steps.
-    admission_delay_s: float = spec_default(SchedulerSpec, "admission_delay_s")
+    admission_delay_s: float = DEFAULT_ADMISSION_DELAY_S
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.admission_delay_s < 0:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from frugalserve.experts.engine import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -51,13 +52,13 @@ def assert_agree(a, b, allowed_diff: int = 1) -> None:
 def test_kernels_in_the_engine_match_the_reference_path(name, monkeypatch):
     ours = engine(name)
     assert all(v.startswith("triton") for k, v in ours.info().attention.items()
-               if k != "cuda_graphs"), ours.info().attention
+               if k not in ("cuda_graphs", "kv_cache")), ours.info().attention
     got = asyncio.run(ours.generate(requests()))
     ours.close()
     monkeypatch.setenv("FRUGALSERVE_ATTENTION", "reference")
     ref = engine(name, cuda_graphs=False)
     assert all(v.startswith("reference") for k, v in ref.info().attention.items()
-               if k != "cuda_graphs"), ref.info().attention
+               if k not in ("cuda_graphs", "kv_cache")), ref.info().attention
     want = asyncio.run(ref.generate(requests()))
     ref.close()
     assert_agree(got, want)
@@ -94,3 +95,31 @@ def test_a_batch_answers_as_requests_run_alone_and_staggered():
     assert stats["max_running_batch"] > 1
     assert_agree(together, alone)
     assert os.environ.get("FRUGALSERVE_ATTENTION", "auto") != "reference"
+
+
+@pytest.mark.parametrize("name", ["tier-l", "expert-text"])
+def test_fp8_cache_in_graphs_matches_its_reference_path_and_bf16(name, monkeypatch):
+    """The fp8 cache through the Triton kernels and CUDA graphs gives the answers of the fp8 reference path
+    (same quantized bytes, same scales), and the bf16 cache's answers up to near-ties (these small models
+    are unsure: the CPU test measured 8-9 of 10 prompts identical against float32)."""
+    fp8 = engine(name, kv_cache_dtype="fp8")
+    assert fp8.info().attention["kv_cache"].startswith("float8_e4m3fn")
+    assert all(v.startswith("triton") for k, v in fp8.info().attention.items()
+               if k not in ("cuda_graphs", "kv_cache")), fp8.info().attention
+    got = asyncio.run(fp8.generate(requests()))
+    assert fp8.stats()["graph_steps"] > 0
+    scales = fp8.kv_scales
+    fp8.close()
+    bf16 = engine(name)
+    want = asyncio.run(bf16.generate(requests()))
+    bf16.close()
+    same = sum(x.token_ids == y.token_ids for x, y in zip(got, want))
+    assert same >= len(got) - 2, [(x.text, y.text) for x, y in zip(got, want)]
+    monkeypatch.setenv("FRUGALSERVE_ATTENTION", "reference")
+    ref = engine(name, kv_cache_dtype="fp8", cuda_graphs=False)
+    for a, b in zip(ref.kv_scales[0] + ref.kv_scales[1], scales[0] + scales[1]):
+        # calibration runs the prefill kernel or its reference: the amax agree to bf16 rounding
+        assert torch.allclose(a, b, rtol=2e-2)
+    want_ref = asyncio.run(ref.generate(requests()))
+    ref.close()
+    assert_agree(got, want_ref, allowed_diff=2)

@@ -85,6 +85,16 @@ def test_engine_args_reject_unknown_and_bad_options():
         ve.engine_args_from_spec(_spec(device="cpu"), "big")
 
 
+def test_kv_cache_dtype_becomes_vllms_kv_cache_dtype():
+    assert ve.engine_args_from_spec(_spec(kv_cache={"dtype": "fp8_e4m3"}), "big")["kv_cache_dtype"] == "fp8"
+    assert ve.engine_args_from_spec(_spec({"kv_cache_dtype": "fp8"}, kv_cache={"dtype": "fp8"}),
+                                    "big")["kv_cache_dtype"] == "fp8"
+    with pytest.raises(ValueError, match="disagree"):
+        ve.engine_args_from_spec(_spec({"kv_cache_dtype": "auto"}, kv_cache={"dtype": "fp8"}), "big")
+    with pytest.raises(ValueError, match="kv_cache.dtype 'float32' has no vLLM kv_cache_dtype"):
+        ve.engine_args_from_spec(_spec(kv_cache={"dtype": "fp32"}), "big")
+
+
 def test_deployment_reserves_one_gpu_per_tp_rank():
     assert ve.deployment_resources(_spec(), 1.0) == {"ray_actor_options": {"num_cpus": 1.0, "num_gpus": 1}}
     tp4 = ve.deployment_resources(_spec({"tensor_parallel_size": 4}), 1.0)
@@ -268,10 +278,10 @@ def test_attend_over_vllm_cache_layout_matches_reference(monkeypatch, release):
 
 def test_unsupported_reasons_name_each_feature():
     reasons = vllm_backend.unsupported_reasons(
-        head_size=100, num_heads=6, num_kv_heads=4, sliding_window=4096, kv_cache_dtype="fp8",
+        head_size=100, num_heads=6, num_kv_heads=4, sliding_window=4096, kv_cache_dtype="fp8_e5m2",
         logits_soft_cap=30.0, attn_type="encoder_only", sinks=torch.zeros(6), dtype=torch.float32)
     text = "; ".join(reasons)
-    for word in ("head size 100", "multiple of num_kv_heads", "sliding window", "fp8", "soft-capping",
+    for word in ("head size 100", "multiple of num_kv_heads", "sliding window", "fp8_e5m2", "soft-capping",
                  "encoder_only", "sinks", "float32"):
         assert word in text
     assert vllm_backend.unsupported_reasons(head_size=128, num_heads=32, num_kv_heads=8,
