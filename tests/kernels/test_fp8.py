@@ -90,6 +90,8 @@ def test_write_kernel_matches_reference(dtype, per_head):
     T, hkv, d, page = 9, 3, 24, 4
     key = (torch.randn(T, hkv, d, generator=g) * 3).to(dtype)
     key[0, 0, :3] = torch.tensor([1e4, -1e4, 0.0]).to(dtype)  # saturates
+    # values that round to zero keep their sign (-0 is 0x80), and subnormals on both sides
+    key[1, 0, :4] = torch.tensor([-1e-7, 1e-7, -3e-5, 3e-5]).to(dtype)
     value = torch.randn(T, hkv, d, generator=g).to(dtype)
     ks, vs = (_scales(hkv, 7), _scales(hkv, 8)) if per_head else (torch.tensor([0.01]), torch.tensor([0.02]))
     slots = torch.randperm(5 * page, generator=g)[:T]
