@@ -46,9 +46,10 @@ def sample_name(name: str, kind: str) -> str:
     return name + "_count" if kind == "histogram" else name
 
 
-# counted only when something fails: tests/serve_app/test_failover.py checks them
+# counted only when something fails, or (the breaker's gauge) set on a remote expert's calls:
+# tests/serve_app/test_failover.py checks them
 FAILOVER = {"ray_frugalserve_retries_total", "ray_frugalserve_fallbacks_total",
-            "ray_frugalserve_stream_errors_total"}
+            "ray_frugalserve_stream_errors_total", "ray_frugalserve_circuit_state"}
 
 
 @pytest.mark.timeout(240)  # a series that never reaches the exporter would hang here
