@@ -1,6 +1,7 @@
 """`frugalserve calibrate` and `frugalserve eval-router`: fit the router offline, measure it.
 
     frugalserve calibrate --matrix calib.jsonl --out DIR        # or --limit N: run the zoo now
+    frugalserve calibrate --data mine.jsonl --config CONFIG --out DIR [--url URL] [--judge EXPERT]
     frugalserve eval-router --split test --out REPORT_DIR [--router DIR] [--matrix test.jsonl]
 
 Both write `report.json`, `report.md` and PNG plots (cost-accuracy frontier; performance gap
@@ -21,10 +22,13 @@ from pathlib import Path
 from frugalserve.cascade.artifact import ArtifactError, RouterArtifact
 from frugalserve.cascade.calibrate import fit_router
 from frugalserve.cascade.evaluate import evaluate_router
+from frugalserve.cascade.graders import GRADERS
 from frugalserve.cascade.matrix import ResponseMatrix
 from frugalserve.experts.spec import MODELS_DIR
 from frugalserve.experts.zoo import evaluate as harness
 from frugalserve.experts.zoo import tasks as T
+from frugalserve.serve_app.config import ConfigError, app_config_from_file
+from frugalserve.serve_app.routing.collect import DataError, collect, load_items
 from frugalserve.serve_app.routing.featurizers import make_featurizer
 from frugalserve.serve_app.routing.report import write_report
 from tqdm import tqdm
@@ -60,6 +64,18 @@ def _matrix(args, split: str):
     return ResponseMatrix.from_rows(rows)
 
 
+def _data_matrix(args) -> ResponseMatrix:
+    app = app_config_from_file(args.config)
+    experts = ([e for e in args.experts.split(",") if e] if args.experts
+               else [x.name for x in app.experts if x.name != args.judge])
+    items = load_items(args.data, args.grader)
+    cache = args.save_matrix or args.out / "responses.jsonl"
+    rows = collect(items, app, cache, experts=experts, url=args.url, judge=args.judge,
+                   device=args.device, concurrency=args.concurrency, max_tokens=args.max_tokens)
+    print(f"responses cached in {cache}", file=sys.stderr)
+    return ResponseMatrix.from_rows(rows, experts)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--matrix", type=Path, default=None,
                         help="response matrix JSONL from `frugalserve eval` (default: run now)")
@@ -76,7 +92,24 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_ROUTER, help="router artifact folder")
     parser.add_argument("--report", type=Path, default=None, help="report folder (default: "
                         "OUT/calibration-report)")
-    parser.add_argument("--tiers", default=DEFAULT_TIERS, help="cascade candidates, cheap first")
+    parser.add_argument("--no-familiarity", action="store_true",
+                        help="fit no familiarity detector (every prompt counts as familiar)")
+    parser.add_argument("--tiers", default=None, help="cascade candidates, cheap first (default: "
+                        f"{DEFAULT_TIERS}; with --data, every expert run)")
+    byod = parser.add_argument_group("bring your own data (serve_app/routing/collect.py)")
+    byod.add_argument("--data", type=Path, default=None,
+                      help="JSONL of prompts (`prompt` or `messages`) with `answer` + `grader`, "
+                      "`labels`, or nothing and --judge")
+    byod.add_argument("--config", type=Path, default=Path("configs/local.yaml"),
+                      help="the application config whose experts run (default: %(default)s)")
+    byod.add_argument("--url", default=None, help="a running application to ask (default: the "
+                      "config's experts in process)")
+    byod.add_argument("--grader", default="normalized", choices=GRADERS,
+                      help="grader of lines with `answer` and no `grader`")
+    byod.add_argument("--judge", default=None, help="expert that judges answers of lines with "
+                      "neither `answer` nor `labels`")
+    byod.add_argument("--concurrency", type=int, default=8, help="requests (batches) in flight")
+    byod.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--featurizer", default="minilm", choices=("minilm", "hashed-ngrams"))
     parser.add_argument("--budget", type=float, default=None,
                         help="serve the most accurate cascade within this mean cost per request")
@@ -85,8 +118,17 @@ def calibrate_main(argv: list[str] | None = None) -> int:
                         "best tier's)")
     parser.add_argument("--max-depth", type=int, default=3, help="longest cascade searched")
     args = parser.parse_args(argv)
-    tiers = [t for t in args.tiers.split(",") if t]
-    m = _matrix(args, "calib")
+    try:
+        m = _data_matrix(args) if args.data is not None else _matrix(args, "calib")
+    except (DataError, ConfigError) as exc:
+        print(f"frugalserve calibrate: {exc}", file=sys.stderr)
+        return 2
+    if args.tiers:
+        tiers = [t for t in args.tiers.split(",") if t]
+    elif args.data is not None:
+        tiers = sorted(m.experts, key=lambda e: float(m.mean_cost()[m.column(e)]))
+    else:
+        tiers = DEFAULT_TIERS.split(",")
     print(f"calibration matrix: {m.n} prompts x {len(m.experts)} experts {m.experts}",
           file=sys.stderr)
     featurize = make_featurizer(args.featurizer)
@@ -94,12 +136,13 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     try:
         result = fit_router(m, x, tiers=tiers, budget=args.budget,
                             target_accuracy=args.target_accuracy, max_depth=args.max_depth,
-                            seed=args.seed, progress=_progress())
+                            seed=args.seed, familiar=not args.no_familiarity,
+                            progress=_progress())
     except ValueError as exc:
         print(f"frugalserve calibrate: {exc}", file=sys.stderr)
         return 2
     art = result.to_artifact(featurize.config(), meta={
-        "calibrated_on": str(args.matrix or f"calib split, {args.limit} prompts"),
+        "calibrated_on": str(args.data or args.matrix or f"calib split, {args.limit} prompts"),
         "date": date.today().isoformat(), "tiers": tiers,
     })
     art.save(args.out)
@@ -115,7 +158,8 @@ def calibrate_main(argv: list[str] | None = None) -> int:
 def eval_router_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="frugalserve eval-router", description=__doc__)
     _common(parser)
-    parser.add_argument("--split", default="test", choices=("calib", "test", "train"))
+    parser.add_argument("--split", default="test", choices=("calib", "test", "train", "heldout"),
+                        help="task-suite split when running now (heldout: the held-out phrasings)")
     parser.add_argument("--router", type=Path, default=DEFAULT_ROUTER, help="router artifact")
     parser.add_argument("--out", type=Path, required=True, help="report folder")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
@@ -129,9 +173,14 @@ def eval_router_main(argv: list[str] | None = None) -> int:
     x = make_featurizer(art.featurizer)(m.prompts)
     report = evaluate_router(art, m, x, tiers=art.meta.get("tiers"), resamples=args.resamples,
                              seed=args.seed)
-    write_report(report, args.out, f"{args.split} split")
+    label = str(args.matrix) if args.matrix else f"{args.split} split"
+    write_report(report, args.out, label)
     c, g = report["cascade"], report["moe"]
-    print(f"\n{args.split}: cascade accuracy {c['accuracy']:.3f} cost {c['cost']:.5f} "
+    for name, mix in report["mixes"].items():
+        print(f"  {name:12s} n={mix['n']:4d}  {mix['strongest']} {mix['strongest_accuracy']:.3f}  "
+              + "  ".join(f"{p} {mix[p]['accuracy']:.3f} at {mix[p]['cost_vs_strongest']:.2f}x"
+                          for p in ("cascade", "moe")))
+    print(f"\n{label}: cascade accuracy {c['accuracy']:.3f} cost {c['cost']:.5f} "
           f"(largest tier {c['best_single_accuracy']:.3f} at {c['best_single_cost']:.5f}), "
           f"APGR {c['apgr']:.3f}; moe accuracy {g['accuracy']:.3f} cost {g['cost']:.5f}, "
           f"expert choice {g['expert_choice_accuracy']:.3f}; wrote {args.out}")

@@ -3,6 +3,11 @@
 Decisions come from `frugalserve.cascade` (gate, scorer, `cascade_step`); this module only wires
 them to expert calls, budgets, stickiness and the routing record.
 
+Before any tier runs, the cascade plans where to start (`plan_cascade`): a prompt unlike the
+calibration data goes straight to the fallback (default: the strongest tier), tiers the gate
+predicts to fail are skipped, and when the expected climb costs more than the top tier alone the
+top tier answers; the MoE gate sends unfamiliar prompts to the fallback too.
+
 What the scorer cannot judge is never a reason to escalate: an answer that calls a tool is
 accepted as it is (`stop_reason: tool_call`); a tier that cannot honour a field of the request
 (tools, structured output, ... : a 400 `unsupported_parameter`) is skipped while a later tier
@@ -19,7 +24,7 @@ from collections.abc import Mapping
 import numpy as np
 from frugalserve.cascade.artifact import ArtifactError, RouterArtifact
 from frugalserve.cascade.features import answer_features
-from frugalserve.cascade.policy import cascade_step
+from frugalserve.cascade.policy import CascadePlan, cascade_step, plan_cascade
 from frugalserve.experts.engine import Completion, GenerationRequest
 from frugalserve.serve_app.clients import ExpertClient
 from frugalserve.serve_app.config import RoutingConfig
@@ -41,6 +46,7 @@ class Policies:
             default=art.gate.default if cfg.gate_default is None else cfg.gate_default)
         self.cfg, self.art, self.clients = cfg, dataclasses.replace(art, gate=gate), clients
         self.featurize = make_featurizer(art.featurizer)
+        self.fallback = cfg.fallback or (art.plan.fallback if art.plan else None)
         self.sessions = SessionStore(cfg.session_ttl_s, cfg.max_sessions)
 
     async def run(self, name: str, request: GenerationRequest, options: RoutingOptions | None,
@@ -60,6 +66,25 @@ class Policies:
             return 0.0
         return min(float(self.art.score(expert, answer_features(text, x.text, x.token_logprobs),
                                         feats)[0]) for x in c.choices)
+
+    def unfamiliar(self, text: str, feats: np.ndarray) -> tuple[bool, dict | None]:
+        """(is the prompt unlike the calibration data, what the detector measured)."""
+        fam = self.art.familiarity
+        if not self.cfg.familiarity or fam is None or self.fallback is None:
+            return False, None
+        d, cov = float(fam.distance(feats)[0]), float(fam.coverage([text])[0])
+        return bool(fam.unfamiliar([text], feats)[0]), {"distance": round(d, 4),
+                                                         "phrasing_coverage": round(cov, 4)}
+
+    def plan(self, order: list[str], feats: np.ndarray, unfamiliar: bool) -> CascadePlan:
+        gate = self.art.gate
+        cols = [gate.experts.index(e) for e in order]
+        p = gate.probabilities(feats)[0][cols]
+        skips = self.art.plan.skips_for(tuple(order)) if self.art.plan else ()
+        fallback = order.index(self.fallback) if self.fallback in order else None
+        return plan_cascade(p, gate.mean_cost[cols], skips, unfamiliar=unfamiliar,
+                            fallback=fallback,
+                            cost_guard=bool(self.art.plan and self.art.plan.cost_guard))
 
     async def prices(self, expert: str) -> Prices:
         return Prices.of(await self.clients[expert].info())
@@ -86,8 +111,13 @@ class Policies:
             "gate": {e: round(float(p), 4) for e, p in zip(gate.experts, probs)}})
         sticky = self._sticky_expert(request, header, options)
         chosen: tuple[str, ...]
+        unfamiliar, familiarity = self.unfamiliar(text, feats)
+        if familiarity is not None:
+            rec.details["familiarity"] = dict(familiarity, unfamiliar=unfamiliar)
         if sticky is not None and sticky in gate.experts:
             chosen, reason = (sticky,), "session"
+        elif unfamiliar and self.fallback is not None:
+            chosen, reason = (self.fallback,), "unfamiliar prompt: fallback"
         else:
             d = gate.choose(feats, k=self.cfg.gate_k)
             chosen, reason = d.experts, ("fallback: " if d.fallback else "") + d.reason
@@ -122,7 +152,15 @@ class Policies:
                                f"{len(order)} tiers ({order})", param=f"frugalserve.{field}",
                                code="invalid_value")
         text, feats = await self.features(request)
-        start = options.start_tier if options is not None and options.start_tier is not None else 0
+        unfamiliar, familiarity = self.unfamiliar(text, feats)
+        plan: CascadePlan | None = None
+        if options is not None and options.start_tier is not None:
+            start = options.start_tier  # the client's choice stands
+        else:
+            plan = self.plan(order, feats, unfamiliar)
+            start = plan.start
+            if plan.reason == "unfamiliar":
+                max_tier = start  # the fallback answers: no climbing
         sticky = self._sticky_expert(request, header, options)
         if sticky in order:
             start = max(start, order.index(sticky))
@@ -131,6 +169,14 @@ class Policies:
         rec = RoutingRecord(policy="cascade", details={
             "tiers": order, "thresholds": [round(t, 6) for t in ths], "start_tier": start,
             "budget": budget})
+        if plan is not None:
+            rec.details["plan"] = {"start": plan.start, "reason": plan.reason,
+                                   "expected_cost": round(plan.expected_cost, 6)}
+        if familiarity is not None:
+            rec.details["familiarity"] = dict(familiarity, unfamiliar=unfamiliar)
+        if (unfamiliar and plan is not None and self.fallback is not None
+                and self.fallback not in order):
+            return await self._fallback(request, rec, stream)
         last_answer: Completion | None = None
         for i in range(start, len(order)):
             expert = order[i]
@@ -171,6 +217,17 @@ class Policies:
                 return Outcome(rec, completion=c)
         raise APIError(503, "no cascade tier could answer", type="server_error",
                        code="expert_unavailable")
+
+    async def _fallback(self, request: GenerationRequest, rec: RoutingRecord,
+                        stream: bool) -> Outcome:
+        """An unfamiliar prompt, answered by a fallback expert outside the cascade's tiers."""
+        assert self.fallback is not None
+        rec.details["stop_reason"] = "unfamiliar"
+        if stream:
+            return Outcome(rec, stream_from=self.fallback)
+        c = await self.clients[self.fallback].generate(request)
+        rec.add(self.fallback, c, await self.prices(self.fallback), accepted=True)
+        return Outcome(rec, completion=c)
 
 
 def valid_format(request: GenerationRequest, text: str) -> bool:
