@@ -117,6 +117,10 @@ def calibrate_main(argv: list[str] | None = None) -> int:
                         help="serve the cheapest cascade reaching this accuracy (default: the "
                         "best tier's)")
     parser.add_argument("--max-depth", type=int, default=3, help="longest cascade searched")
+    parser.add_argument("--deploy", default=None, metavar="URL",
+                        help="then ask the running application at URL to serve the new artifact "
+                        "(POST URL/v1/router; the path must be readable by its router; an API key "
+                        "from $FRUGALSERVE_API_KEY)")
     args = parser.parse_args(argv)
     try:
         m = _data_matrix(args) if args.data is not None else _matrix(args, "calib")
@@ -152,6 +156,28 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     print(f"\nwrote router artifact {args.out}: cascade {' -> '.join(p.order)} thresholds "
           f"{[round(t, 4) for t in p.thresholds]} (calib accuracy {p.accuracy:.3f}, cost "
           f"{p.cost:.5f}); gate cost weight {art.gate.cost_weight}")
+    return deploy(args.deploy, args.out) if args.deploy else 0
+
+
+def deploy(url: str, artifact: Path) -> int:
+    """POST the artifact's path to a running application's router; 0 when it swapped."""
+    import os
+
+    import httpx
+
+    key = os.environ.get("FRUGALSERVE_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        r = httpx.post(f"{url.rstrip('/')}/v1/router", json={"artifact": str(artifact.resolve())},
+                       headers=headers, timeout=120)
+    except httpx.HTTPError as exc:
+        print(f"frugalserve calibrate: --deploy {url}: {exc}", file=sys.stderr)
+        return 1
+    if r.status_code != 200:
+        print(f"frugalserve calibrate: {url} refused the artifact ({r.status_code}): {r.text}",
+              file=sys.stderr)
+        return 1
+    print(f"{url} now serves {artifact} (swap {r.json()['swaps']})")
     return 0
 
 
