@@ -69,6 +69,14 @@ class RoutingConfig(BaseModel):
         None, description="override where unfamiliar prompts go (default: the artifact's, the "
         "strongest tier)"
     )
+    log_path: str | None = Field(
+        None, description="routing log (JSONL) each router replica appends to: one line per "
+        "routed request and per feedback; unset: no log, and /v1/feedback is refused"
+    )
+    log_text: bool = Field(
+        False, description="also log the prompt text and the answers (needed by "
+        "`calibrate --from-logs`); off: a hash of the prompt only"
+    )
     sticky: bool = Field(True, description="keep a conversation on its expert or higher tier")
     session_ttl_s: float = Field(3600.0, gt=0, description="how long a session is remembered")
     max_sessions: int = Field(10000, ge=1, description="sessions remembered per router replica")

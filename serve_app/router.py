@@ -34,6 +34,7 @@ from frugalserve.serve_app.protocol import (
 )
 from frugalserve.serve_app.record import Outcome, Prices, RoutingRecord
 from frugalserve.serve_app.remote import RemoteClient
+from frugalserve.serve_app.routing.log import FeedbackRequest
 from frugalserve.serve_app.routing.policies import Policies
 from frugalserve.serve_app.routing.swap import Swapper, SwapRequest
 from frugalserve.serve_app.sessions import SESSION_HEADER
@@ -88,7 +89,21 @@ class Router:
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         app.add_api_route("/v1/router", self.router_status, methods=["GET"])
         app.add_api_route("/v1/router", self.swap_router, methods=["POST"])
+        app.add_api_route("/v1/feedback", self.feedback, methods=["POST"])
         return app
+
+    async def feedback(self, body: FeedbackRequest) -> dict:
+        """A client's score of a routed answer, into the routing log (`routing.log_path`)."""
+        log = self.policies.log if self.policies is not None else None
+        if log is None:
+            raise APIError(400, "feedback needs the routing log (routing.log_path)",
+                           param="id", code="routing_log_disabled")
+        if not log.knows(body.id):
+            raise APIError(404, f"no routed completion {body.id!r} on this router (ids of "
+                           "moe and cascade answers are remembered)", param="id",
+                           code="completion_not_found")
+        log.feedback(body.id, body.value())
+        return {"id": body.id, "score": body.value(), "recorded": True}
 
     # -- swapping the router artifact (serve_app/routing/swap.py) ---------------------------
 
@@ -176,6 +191,7 @@ class Router:
         its tokens and cost."""
         if kind == "policy" and self.policies is not None and rec.answered_by:
             self.policies.remember(request, header, rec.answered_by, c.text)
+            self.policies.record(request, rec, c)
         record_outcome(rec.as_dict(), tuple(x.finish_reason for x in c.choices))
 
     # -- endpoints --------------------------------------------------------------------------

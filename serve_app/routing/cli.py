@@ -28,7 +28,7 @@ from frugalserve.experts.spec import MODELS_DIR
 from frugalserve.experts.zoo import evaluate as harness
 from frugalserve.experts.zoo import tasks as T
 from frugalserve.serve_app.config import ConfigError, app_config_from_file
-from frugalserve.serve_app.routing.collect import DataError, collect, load_items
+from frugalserve.serve_app.routing.collect import DataError, collect, items_from_logs, load_items
 from frugalserve.serve_app.routing.featurizers import make_featurizer
 from frugalserve.serve_app.routing.report import write_report
 from tqdm import tqdm
@@ -68,7 +68,11 @@ def _data_matrix(args) -> ResponseMatrix:
     app = app_config_from_file(args.config)
     experts = ([e for e in args.experts.split(",") if e] if args.experts
                else [x.name for x in app.experts if x.name != args.judge])
-    items = load_items(args.data, args.grader)
+    if args.from_logs is not None:
+        items, counts = items_from_logs(args.from_logs, args.grader, judge=bool(args.judge))
+        print(f"routing log {args.from_logs}: {counts}", file=sys.stderr)
+    else:
+        items = load_items(args.data, args.grader)
     cache = args.save_matrix or args.out / "responses.jsonl"
     rows = collect(items, app, cache, experts=experts, url=args.url, judge=args.judge,
                    device=args.device, concurrency=args.concurrency, max_tokens=args.max_tokens)
@@ -100,6 +104,9 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     byod.add_argument("--data", type=Path, default=None,
                       help="JSONL of prompts (`prompt` or `messages`) with `answer` + `grader`, "
                       "`labels`, or nothing and --judge")
+    byod.add_argument("--from-logs", type=Path, default=None, metavar="LOG",
+                      help="instead of --data: the prompts of a routing log (routing.log_path, "
+                      "with log_text) that got feedback, labelled by it")
     byod.add_argument("--config", type=Path, default=Path("configs/local.yaml"),
                       help="the application config whose experts run (default: %(default)s)")
     byod.add_argument("--url", default=None, help="a running application to ask (default: the "
@@ -123,13 +130,14 @@ def calibrate_main(argv: list[str] | None = None) -> int:
                         "from $FRUGALSERVE_API_KEY)")
     args = parser.parse_args(argv)
     try:
-        m = _data_matrix(args) if args.data is not None else _matrix(args, "calib")
+        own = args.data is not None or args.from_logs is not None
+        m = _data_matrix(args) if own else _matrix(args, "calib")
     except (DataError, ConfigError) as exc:
         print(f"frugalserve calibrate: {exc}", file=sys.stderr)
         return 2
     if args.tiers:
         tiers = [t for t in args.tiers.split(",") if t]
-    elif args.data is not None:
+    elif own:
         tiers = sorted(m.experts, key=lambda e: float(m.mean_cost()[m.column(e)]))
     else:
         tiers = DEFAULT_TIERS.split(",")
@@ -146,7 +154,7 @@ def calibrate_main(argv: list[str] | None = None) -> int:
         print(f"frugalserve calibrate: {exc}", file=sys.stderr)
         return 2
     art = result.to_artifact(featurize.config(), meta={
-        "calibrated_on": str(args.data or args.matrix or f"calib split, {args.limit} prompts"),
+        "calibrated_on": str(args.data or args.from_logs or args.matrix or f"calib split, {args.limit} prompts"),
         "date": date.today().isoformat(), "tiers": tiers,
     })
     art.save(args.out)

@@ -116,6 +116,42 @@ def load_items(path: str | Path, default_grader: str = "normalized") -> list[Ite
     return items
 
 
+def items_from_logs(path: str | Path, grader: str = "normalized", *,
+                    judge: bool = False) -> tuple[list[Item], dict[str, int]]:
+    """Prompts of a routing log that got feedback, as data items: the expert that answered is
+    labelled by the feedback's score; a well-scored answer (≥ 0.5) is the reference the other
+    experts' answers are graded against; a badly scored one leaves them to the judge, and
+    without a judge the prompt is left out. Returns (items, counts of what was used)."""
+    from frugalserve.serve_app.routing.log import read_log
+
+    requests, feedback = read_log(path)
+    counts = {"requests": len(requests), "feedback": len(feedback), "used": 0,
+              "no_text": 0, "left_to_judge": 0, "dropped_bad_answer": 0}
+    items = []
+    for rid, score in feedback.items():
+        req = requests.get(rid)
+        if req is None:
+            continue
+        expert = req.get("answered_by")
+        run = next((r for r in req.get("runs", []) if r.get("expert") == expert), None)
+        if "text" not in req or run is None or "answer" not in run:
+            counts["no_text"] += 1
+            continue
+        reference = run["answer"] if score >= 0.5 else None
+        if reference is None and not judge:
+            counts["dropped_bad_answer"] += 1
+            continue
+        counts["left_to_judge"] += reference is None
+        items.append(Item(rid, ({"role": "user", "content": req["text"]},), req["text"],
+                          reference, grader if reference is not None else None,
+                          labels={str(expert): score}, domain=str(req.get("policy", ""))))
+        counts["used"] += 1
+    if not items:
+        raise DataError(f"{path}: no logged request with feedback can be used ({counts}); the "
+                        "log needs routing.log_text: true for prompts and answers")
+    return items, counts
+
+
 # -- running the experts -------------------------------------------------------------------------
 
 
@@ -273,13 +309,14 @@ def judge_rows(rows: dict[tuple[str, str], dict], items: Sequence[Item], judge: 
                cache_path: Path, **kw) -> dict[tuple[str, str], bool]:
     """The judge's verdict on every (item, expert) answer of unlabelled items, cached beside the
     matrix (`<matrix>.judge.jsonl`, keyed by a hash of question and answer)."""
-    judged = {it.id for it in items if it.reference is None and not it.labels}
+    judged = {it.id for it in items if it.reference is None}
     jobs: dict[str, Item] = {}
     keys: dict[tuple[str, str], str] = {}
+    by_id = {it.id: it for it in items}
     for (item_id, expert), row in rows.items():
-        if item_id not in judged:
+        if item_id not in judged or expert in by_id[item_id].labels:
             continue
-        item = next(it for it in items if it.id == item_id)
+        item = by_id[item_id]
         prompt = JUDGE_RUBRIC.format(question=item.text, answer=row["answer"])
         key = hashlib.sha256(prompt.encode()).hexdigest()[:20]
         keys[(item_id, expert)] = key

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
@@ -32,6 +34,7 @@ from frugalserve.serve_app.errors import APIError
 from frugalserve.serve_app.protocol import RoutingOptions
 from frugalserve.serve_app.record import Outcome, Prices, RoutingRecord
 from frugalserve.serve_app.routing.featurizers import make_featurizer, prompt_text
+from frugalserve.serve_app.routing.log import RoutingLog
 from frugalserve.serve_app.sessions import SessionStore, lookup_key, store_key
 
 
@@ -48,15 +51,41 @@ class Policies:
         self.featurize = make_featurizer(art.featurizer)
         self.fallback = cfg.fallback or (art.plan.fallback if art.plan else None)
         self.sessions = SessionStore(cfg.session_ttl_s, cfg.max_sessions)
+        self.log = RoutingLog(cfg.log_path, text=cfg.log_text) if cfg.log_path else None
+        self._pending: OrderedDict[str, dict] = OrderedDict()  # request id -> what the log needs
 
+    def _note(self, request: GenerationRequest, **kw) -> None:
+        if self.log is None:
+            return
+        entry = self._pending.setdefault(request.request_id, {"t0": time.perf_counter(),
+                                                              "answers": {}})
+        answers = kw.pop("answers", {})
+        entry["answers"].update(answers)
+        entry.update(kw)
+        while len(self._pending) > 10_000:  # requests that failed never reach `record`
+            self._pending.popitem(last=False)
+
+    def record(self, request: GenerationRequest, rec: RoutingRecord, c: Completion) -> None:
+        """The request is answered: its line in the routing log (when enabled)."""
+        entry = self._pending.pop(request.request_id, None)
+        if self.log is None or entry is None or "text" not in entry:
+            return
+        answers = dict(entry["answers"])
+        if rec.answered_by:
+            answers[rec.answered_by] = (c.text, tuple(c.token_logprobs))
+        self.log.request(request.request_id, rec.policy, entry["text"], entry["feats"],
+                         rec.as_dict(), answers, time.perf_counter() - entry["t0"])
     async def run(self, name: str, request: GenerationRequest, options: RoutingOptions | None,
                   header: str | None, stream: bool) -> Outcome:
+        self._note(request)
         policy = self.moe if name == "moe" else self.cascade
         return await policy(request, options, header, stream)
 
     async def features(self, request: GenerationRequest) -> tuple[str, np.ndarray]:
         text = prompt_text(request.messages, request.prompt)
-        return text, (await asyncio.to_thread(self.featurize, [text]))[0]
+        feats = (await asyncio.to_thread(self.featurize, [text]))[0]
+        self._note(request, text=text, feats=feats)
+        return text, feats
 
     def score(self, expert: str, text: str, feats: np.ndarray, c: Completion,
               request: GenerationRequest | None = None) -> float:
@@ -207,6 +236,7 @@ class Policies:
             if not final:
                 next_cost = (await self.prices(order[i + 1])).cost(c.prompt_tokens,
                                                                    c.generated_tokens)
+            self._note(request, answers={expert: (c.text, tuple(c.token_logprobs))})
             run = rec.add(expert, c, await self.prices(expert), score=round(score, 4),
                           threshold=round(th, 6))
             step = cascade_step(i, len(order), score, th, spent=rec.cost, next_cost=next_cost,

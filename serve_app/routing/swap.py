@@ -63,6 +63,7 @@ def load_candidate(path: str, cfg: RoutingConfig, clients: Mapping[str, ExpertCl
     policies = Policies(cfg, art, clients)
     if old is not None:
         policies.sessions = old.sessions  # conversations keep their expert across a swap
+        policies.log = old.log  # and logged requests their feedback
     smoke(policies)
     return policies
 
