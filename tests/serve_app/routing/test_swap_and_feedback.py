@@ -154,3 +154,21 @@ def test_hot_swap_under_load(swap_app, demo_router, always_top, tmp_path):
     assert ask(client, PROMPTS[0])["answered_by"] == TIERS[-1]
     assert client.post("/v1/router", json={}).status_code == 400
     client.close()
+
+
+def test_calibrate_own_data_through_the_running_application(swap_app, tmp_path):
+    """`calibrate --data --url`: the experts answer through the application's HTTP API."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({
+        "prompt": p, "labels": {"demo-llama": i % 3 != 0, "demo-falcon": i % 2 == 0}}) + "\n"
+        for i, p in enumerate(PROMPTS[:20])))
+    config = tmp_path / "app.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{
+        "name": "x", "route_prefix": "/", "import_path": "frugalserve.serve_app.app:build_app",
+        "args": {"experts": copy.deepcopy(TEST_APP_ARGS["experts"])}}]}))
+    assert calibrate_main(["--data", str(data), "--config", str(config), "--url", swap_app,
+                           "--out", str(tmp_path / "r"), "--featurizer", "hashed-ngrams",
+                           "--max-tokens", str(MAX_TOKENS), "--concurrency", "4"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "r" / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and all(r["token_logprobs"] and r["cost"] > 0 for r in rows)
+    assert RouterArtifact.load(tmp_path / "r").experts == ["demo-llama", "demo-falcon"]
