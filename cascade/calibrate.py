@@ -23,7 +23,6 @@ from frugalserve.cascade.metrics import PARITY_TOLERANCE
 from frugalserve.cascade.policy import (
     OperatingPoint,
     best_under_budget,
-    expected_climb_cost,
     replay_cascade,
     replay_gate,
     replay_planned_cascade,
@@ -185,8 +184,16 @@ def plan_starts(p: np.ndarray, tier_cost: np.ndarray, skip: Sequence[float],
     for j, s in enumerate(skip[: t - 1]):
         start = np.where((start == j) & (p[:, j] < s), j + 1, start)
     if cost_guard:
-        expected = np.array([expected_climb_cost(p[i], tier_cost, int(start[i])) for i in range(n)])
-        start = np.where((start < t - 1) & (expected >= tier_cost[-1]), t - 1, start)
+        # expected climb cost from each possible start s: Σ_{i≥s} c_i · Π_{s≤j<i} (1 − p_j)
+        expected = np.zeros((n, t))
+        for s in range(t):
+            reach = np.ones(n)
+            for i in range(s, t):
+                expected[:, s] += reach * tier_cost[i]
+                if i < t - 1:
+                    reach = reach * (1.0 - p[:, i])
+        at_start = expected[np.arange(n), start]
+        start = np.where((start < t - 1) & (at_start >= tier_cost[-1]), t - 1, start)
     return start
 
 

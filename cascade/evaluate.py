@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from frugalserve.cascade.artifact import RouterArtifact
-from frugalserve.cascade.calibrate import answer_feature_matrix
+from frugalserve.cascade.calibrate import answer_feature_matrix, plan_starts
 from frugalserve.cascade.matrix import ResponseMatrix
 from frugalserve.cascade.metrics import (
     accuracy_at_cost,
@@ -26,7 +26,6 @@ from frugalserve.cascade.metrics import (
     cpt,
 )
 from frugalserve.cascade.policy import (
-    expected_climb_cost,
     replay_cascade,
     replay_gate,
     replay_planned_cascade,
@@ -69,16 +68,10 @@ def planned_cascade_outcome(art: RouterArtifact, m: ResponseMatrix, scores: np.n
         calls = np.array([cols.index(c) + 1 for c in out_cols])
         return out_cols, ok, spent, calls
     gate_cols = [art.gate.experts.index(e) for e in order]
-    t = len(cols)
     tier_cost = art.gate.mean_cost[gate_cols]
     skips = art.plan.skips_for(tuple(order))
     p = probs[:, gate_cols]
-    start = np.zeros(m.n, dtype=int)
-    for j, sk in enumerate(skips[: t - 1]):
-        start = np.where((start == j) & (p[:, j] < sk), j + 1, start)
-    if art.plan.cost_guard:
-        expected = np.array([expected_climb_cost(p[i], tier_cost, int(start[i])) for i in range(m.n)])
-        start = np.where((start < t - 1) & (expected >= tier_cost[-1]), t - 1, start)
+    start = plan_starts(p, tier_cost, skips, art.plan.cost_guard)
     fallback_in_order = art.plan.fallback in order
     if fallback_in_order:
         start = np.where(unfamiliar, list(order).index(art.plan.fallback), start)

@@ -188,8 +188,8 @@ class Policies:
         else:
             plan = self.plan(order, feats, unfamiliar)
             start = plan.start
-            if plan.reason == "unfamiliar":
-                max_tier = start  # the fallback answers: no climbing
+            if plan.reason == "unfamiliar":  # the fallback answers, no climbing; a client's
+                max_tier = start if max_tier is None else min(start, max_tier)  # cap still holds
         sticky = self._sticky_expert(request, header, options)
         if sticky in order:
             start = max(start, order.index(sticky))

@@ -81,10 +81,16 @@ def _shifted_rows(n: int) -> list[dict]:
     return rows
 
 
+@pytest.fixture(scope="module")
+def fitted(calib_matrix):
+    """Routers fitted with and without the familiarity detector, by `familiar`."""
+    return {f: fit_router(calib_matrix, FEAT(calib_matrix.prompts), tiers=TIERS, familiar=f)
+            for f in (True, False)}
+
+
 @pytest.mark.parametrize("familiar", [True, False])
-def test_no_regret_on_a_shifted_mix(calib_matrix, familiar):
-    fitted = fit_router(calib_matrix, FEAT(calib_matrix.prompts), tiers=TIERS, familiar=familiar)
-    art = fitted.to_artifact(FEAT.config())
+def test_no_regret_on_a_shifted_mix(fitted, familiar):
+    art = fitted[familiar].to_artifact(FEAT.config())
     shifted = ResponseMatrix.from_rows(_shifted_rows(120))
     report = evaluate_router(art, shifted, FEAT(shifted.prompts), tiers=TIERS, resamples=20)
     mix = report["mixes"]["all"]
@@ -97,9 +103,8 @@ def test_no_regret_on_a_shifted_mix(calib_matrix, familiar):
         assert mix["cascade_plain"]["cost_vs_strongest"] > 1.2
 
 
-def test_a_version_1_artifact_still_loads(calib_matrix, tmp_path):
-    fitted = fit_router(calib_matrix, FEAT(calib_matrix.prompts), tiers=TIERS)
-    path = fitted.to_artifact(FEAT.config()).save(tmp_path / "r")
+def test_a_version_1_artifact_still_loads(fitted, tmp_path):
+    path = fitted[True].to_artifact(FEAT.config()).save(tmp_path / "r")
     doc = json.loads((path / "router.json").read_text())
     assert doc["version"] == 2 and doc["familiarity"] and doc["plan"]
     doc.update(version=1)
