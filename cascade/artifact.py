@@ -1,7 +1,9 @@
 """The router artifact: a folder with `router.json` (settings) and `weights.npz` (arrays).
 
 No pickle: arrays load with `allow_pickle=False` and the MLPs run in numpy. `FORMAT_VERSION`
-changes whenever the layout does; loading another version fails with a message that says so.
+changes whenever the layout does; loading a version this code does not read fails with a message
+that says so. Version 2 adds the familiarity detector (`familiarity.reference` and its threshold)
+and the cascade's start plan; a version 1 artifact still loads, without either.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from frugalserve.cascade.familiarity import Familiarity
 from frugalserve.cascade.features import ANSWER_FEATURES, Projector
 from frugalserve.cascade.gate import Gate
 from frugalserve.cascade.mlp import MLP
@@ -18,11 +21,35 @@ from frugalserve.cascade.policy import OperatingPoint, best_under_budget
 from frugalserve.cascade.scorer import Scorer
 
 FORMAT = "frugalserve-router"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class ArtifactError(ValueError):
     """A router artifact that cannot be used (missing, other version, inconsistent)."""
+
+
+@dataclass(frozen=True)
+class CascadePlanSettings:
+    """Where the cascade of `order` starts (`frugalserve.cascade.policy.plan_cascade`)."""
+
+    order: tuple[str, ...]  # the operating point the skip thresholds were fitted for
+    skip_thresholds: tuple[float, ...]  # start above tier i when the gate's P(correct) < this
+    cost_guard: bool  # straight to the top when the expected climb costs more
+    fallback: str  # where unfamiliar prompts go, without climbing
+
+    def as_dict(self) -> dict:
+        return {"order": list(self.order), "skip_thresholds": list(self.skip_thresholds),
+                "cost_guard": self.cost_guard, "fallback": self.fallback}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CascadePlanSettings:
+        return cls(tuple(d["order"]), tuple(float(t) for t in d["skip_thresholds"]),
+                   bool(d["cost_guard"]), str(d["fallback"]))
+
+    def skips_for(self, order: tuple[str, ...]) -> tuple[float, ...]:
+        """The skip thresholds when serving `order` (none for another operating point's order)."""
+        return self.skip_thresholds if tuple(order) == self.order else ()
 
 
 @dataclass
@@ -35,6 +62,14 @@ class RouterArtifact:
     cascade: OperatingPoint
     frontier: list[OperatingPoint]
     meta: dict = field(default_factory=dict)
+    familiarity: Familiarity | None = None  # None: every prompt counts as familiar
+    plan: CascadePlanSettings | None = None  # None: every cascade starts at its cheapest tier
+
+    def unfamiliar(self, texts: list[str], prompt_feats: np.ndarray) -> np.ndarray:
+        """[n] bool: prompts unlike the calibration data (all False without a detector)."""
+        if self.familiarity is None:
+            return np.zeros(len(texts), dtype=bool)
+        return self.familiarity.unfamiliar(texts, prompt_feats)
 
     def score(self, expert: str, answer_feats: np.ndarray, prompt_feats: np.ndarray) -> np.ndarray:
         """The scorer's P(correct) of `expert`'s answers: answer features [n, a] with the prompt
@@ -51,6 +86,9 @@ class RouterArtifact:
         arrays.update(self.gate.model.to_arrays("gate"))
         for e, mlp in self.scorer.models.items():
             arrays.update(mlp.to_arrays(f"scorer.{e}"))
+        if self.familiarity is not None:
+            arrays["familiarity.reference"] = self.familiarity.reference.astype(np.float16)
+            arrays["familiarity.ngrams"] = self.familiarity.ngrams
         np.savez(path / "weights.npz", **arrays)  # type: ignore[arg-type]  # numpy stubs: **arrays
         doc = {
             "format": FORMAT,
@@ -62,6 +100,12 @@ class RouterArtifact:
             "cascade": self.cascade.as_dict(),
             "frontier": [p.as_dict() for p in self.frontier],
             "scorers": sorted(self.scorer.models),
+            "familiarity": None if self.familiarity is None else {
+                "k": self.familiarity.k, "quantile": self.familiarity.quantile,
+                "threshold": self.familiarity.threshold,
+                "coverage_threshold": self.familiarity.coverage_threshold,
+                "keep": sorted(self.familiarity.keep)},
+            "plan": None if self.plan is None else self.plan.as_dict(),
             "meta": self.meta,
         }
         (path / "router.json").write_text(json.dumps(doc, indent=2, default=json_default))
@@ -76,10 +120,10 @@ class RouterArtifact:
         doc = json.loads(doc_path.read_text())
         if doc.get("format") != FORMAT:
             raise ArtifactError(f"{doc_path} is not a frugalserve router artifact")
-        if doc.get("version") != FORMAT_VERSION:
+        if doc.get("version") not in READABLE_VERSIONS:
             raise ArtifactError(
                 f"router artifact {str(path)!r} has format version {doc.get('version')}, this "
-                f"frugalserve reads version {FORMAT_VERSION}: re-run `frugalserve calibrate`"
+                f"frugalserve reads versions {list(READABLE_VERSIONS)}: re-run `frugalserve calibrate`"
             )
         with np.load(path / "weights.npz", allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -88,10 +132,26 @@ class RouterArtifact:
         gate = Gate(experts, MLP.from_arrays(arrays, "gate"), arrays["gate.mean_cost"],
                     cost_weight=g["cost_weight"], floor=g["floor"], default=g["default"], k=g["k"])
         scorer = Scorer({e: MLP.from_arrays(arrays, f"scorer.{e}") for e in doc["scorers"]})
+        fam, familiarity = doc.get("familiarity"), None
+        if fam is not None:
+            lacking = [k for k in ("familiarity.reference", "familiarity.ngrams") if k not in arrays]
+            if lacking:
+                raise ArtifactError(f"router artifact {str(path)!r} names a familiarity detector "
+                                    f"but weights.npz lacks {lacking}")
+            familiarity = Familiarity(arrays["familiarity.reference"].astype(np.float32),
+                                      float(fam["threshold"]), arrays["familiarity.ngrams"],
+                                      float(fam["coverage_threshold"]),
+                                      frozenset(fam.get("keep", ())), int(fam["k"]),
+                                      float(fam["quantile"]))
+        plan = CascadePlanSettings.from_dict(doc["plan"]) if doc.get("plan") else None
+        if plan is not None and plan.fallback not in experts:
+            raise ArtifactError(f"router artifact {str(path)!r}: fallback {plan.fallback!r} is not "
+                                f"one of its experts {experts}")
         return cls(experts, doc["featurizer"],
                    Projector(arrays["projector.mean"], arrays["projector.components"]),
                    scorer, gate, OperatingPoint.from_dict(doc["cascade"]),
-                   [OperatingPoint.from_dict(p) for p in doc["frontier"]], doc.get("meta", {}))
+                   [OperatingPoint.from_dict(p) for p in doc["frontier"]], doc.get("meta", {}),
+                   familiarity=familiarity, plan=plan)
 
     def operating_point(self, budget: float | None) -> OperatingPoint:
         """The served cascade, or the most accurate frontier point within `budget`."""

@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from frugalserve.cascade.artifact import RouterArtifact
+from frugalserve.cascade.artifact import CascadePlanSettings, RouterArtifact
+from frugalserve.cascade.familiarity import Familiarity, fit_familiarity
 from frugalserve.cascade.features import Projector, row_answer_features
 from frugalserve.cascade.gate import Gate, fit_gate
 from frugalserve.cascade.matrix import ResponseMatrix
@@ -24,11 +25,13 @@ from frugalserve.cascade.policy import (
     best_under_budget,
     replay_cascade,
     replay_gate,
+    replay_planned_cascade,
 )
 from frugalserve.cascade.scorer import Scorer, fit_scorer, select_scorer
 
 GATE_COST_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)  # searched by choose_gate_settings
 SCORER_DIMS = 16  # principal components of the prompt features the scorer sees
+PLAN_TOLERANCE = 0.0015  # calib accuracy the start plan may give up: about one prompt in 900
 
 Progress = Callable[[str, int, int], None]
 
@@ -43,13 +46,16 @@ class CalibrationResult:
     cascade: OperatingPoint  # the operating point served by default
     oof_scores: np.ndarray  # [n, e] on calib
     oof_gate: np.ndarray  # [n, e] gate P(correct) on calib
+    familiarity: Familiarity | None = None
+    plan: CascadePlanSettings | None = None
     summary: dict = field(default_factory=dict)
 
     def to_artifact(self, featurizer: dict, meta: dict | None = None) -> RouterArtifact:
         """What the router serves: the fitted parts, the featurizer's config, and `meta` with
         the calibration summary."""
         return RouterArtifact(self.experts, featurizer, self.projector, self.scorer, self.gate,
-                              self.cascade, self.frontier, dict(meta or {}, **self.summary))
+                              self.cascade, self.frontier, dict(meta or {}, **self.summary),
+                              familiarity=self.familiarity, plan=self.plan)
 
 
 def answer_feature_matrix(m: ResponseMatrix) -> dict[str, np.ndarray]:
@@ -118,7 +124,7 @@ def choose_gate_settings(gate: Gate, probs: np.ndarray, correct: np.ndarray,
 def fit_router(m: ResponseMatrix, prompt_feats: np.ndarray, *, tiers: Sequence[str],
                default_expert: str | None = None, budget: float | None = None,
                target_accuracy: float | None = None, max_depth: int = 3, seed: int = 0,
-               progress: Progress | None = None) -> CalibrationResult:
+               familiar: bool = True, progress: Progress | None = None) -> CalibrationResult:
     """Fit scorer and gate on `m`, search cascades over `tiers`, choose the served point.
 
     The served point: with `budget`, the most accurate within it; with `target_accuracy`, the
@@ -156,13 +162,67 @@ def fit_router(m: ResponseMatrix, prompt_feats: np.ndarray, *, tiers: Sequence[s
     gate, oof_gate = _fit_gate_oof(m, gate_x, default_expert or tiers[-1], seed, progress)
     gate_settings = choose_gate_settings(gate, oof_gate, m.correct)
     gate.cost_weight = gate_settings["cost_weight"]
+    familiarity = fit_familiarity(m.prompts, prompt_feats, seed=seed) if familiar else None
+    plan, plan_summary = fit_cascade_plan(oof, oof_gate, m.correct, m.cost, m.experts, served,
+                                          fallback=default_expert or tiers[-1])
     return CalibrationResult(
         experts=list(m.experts), projector=projector, scorer=scorer, gate=gate,
         frontier=frontier, cascade=served,
-        oof_scores=oof, oof_gate=oof_gate,
+        oof_scores=oof, oof_gate=oof_gate, familiarity=familiarity, plan=plan,
         summary={"tier_accuracy": tier_acc, "gate": gate_settings, "n_prompts": m.n,
-                 "scorer_kind": kinds, "scorer_oof_auroc": scorer_auroc},
+                 "scorer_kind": kinds, "scorer_oof_auroc": scorer_auroc,
+                 "cascade_plan": plan_summary,
+                 "familiarity": familiarity.settings() if familiarity else None},
     )
+
+
+def plan_starts(p: np.ndarray, tier_cost: np.ndarray, skip: Sequence[float],
+                cost_guard: bool) -> np.ndarray:
+    """`plan_cascade` over a matrix of gate probabilities [n, t] (familiar prompts): starts [n]."""
+    n, t = p.shape
+    start = np.zeros(n, dtype=int)
+    for j, s in enumerate(skip[: t - 1]):
+        start = np.where((start == j) & (p[:, j] < s), j + 1, start)
+    if cost_guard:
+        # expected climb cost from each possible start s: Σ_{i≥s} c_i · Π_{s≤j<i} (1 − p_j)
+        expected = np.zeros((n, t))
+        for s in range(t):
+            reach = np.ones(n)
+            for i in range(s, t):
+                expected[:, s] += reach * tier_cost[i]
+                if i < t - 1:
+                    reach = reach * (1.0 - p[:, i])
+        at_start = expected[np.arange(n), start]
+        start = np.where((start < t - 1) & (at_start >= tier_cost[-1]), t - 1, start)
+    return start
+
+
+def fit_cascade_plan(scores: np.ndarray, gate_p: np.ndarray, correct: np.ndarray, cost: np.ndarray,
+                     experts: Sequence[str], point: OperatingPoint, *, fallback: str,
+                     grid: int = 11, tol: float = PLAN_TOLERANCE) -> tuple[CascadePlanSettings, dict]:
+    """Where the served cascade starts: per-tier skip thresholds on the gate's out-of-fold
+    P(correct) and the expected-cost guard, searched on calib for the least cost whose accuracy
+    stays within `tol` of the plain cascade's (the last tier is never skipped)."""
+    cols = [list(experts).index(e) for e in point.order]
+    s, y, c, p = scores[:, cols], correct[:, cols], cost[:, cols], gate_p[:, cols]
+    tier_cost = c.mean(axis=0)
+    _, plain_ok, plain_spent = replay_cascade(s, y, c, point.thresholds)
+    floor = float(plain_ok.mean()) - tol
+    best = (float(plain_ok.mean()), float(plain_spent.mean()), (0.0,) * (len(cols) - 1), False)
+    grids = [np.unique(np.concatenate([[0.0], np.quantile(p[:, j], np.linspace(0, 0.5, grid))]))
+             for j in range(len(cols) - 1)]
+    for guard in (False, True):
+        for skip in itertools.product(*grids):
+            start = plan_starts(p, tier_cost, skip, guard)
+            _, ok, spent = replay_planned_cascade(s, y, c, point.thresholds, start)
+            acc, mean_cost = float(ok.mean()), float(spent.mean())
+            if acc >= floor - 1e-12 and mean_cost < best[1] - 1e-12:
+                best = (acc, mean_cost, tuple(float(v) for v in skip), guard)
+    acc, mean_cost, skip, guard = best
+    plan = CascadePlanSettings(tuple(point.order), skip, guard, fallback)
+    return plan, {"order": list(point.order), "skip_thresholds": list(skip), "cost_guard": guard,
+                  "fallback": fallback, "calib_accuracy": acc, "calib_cost": mean_cost,
+                  "plain_accuracy": float(plain_ok.mean()), "plain_cost": float(plain_spent.mean())}
 
 
 def _fit_gate_oof(m: ResponseMatrix, x: np.ndarray, default: str, seed: int,

@@ -135,3 +135,74 @@ def replay_cascade(
         open_ &= ~take
     spent = np.cumsum(cost, axis=1)[np.arange(n), answered]
     return answered, correct[np.arange(n), answered], spent
+
+
+@dataclass(frozen=True)
+class CascadePlan:
+    """Where a cascade starts before any tier runs: `start` is a tier index; `reason` is
+    "unfamiliar" (straight to the fallback tier), "cost_guard" (the expected climb costs more
+    than the top tier), "predicted_fail" (the tiers below `start` are predicted to fail) or
+    "cheapest"."""
+
+    start: int
+    reason: str
+    expected_cost: float  # of the climb from `start`, as the gate predicts it
+
+
+def expected_climb_cost(p_correct: Sequence[float] | np.ndarray, costs: Sequence[float] | np.ndarray,
+                        start: int = 0) -> float:
+    """Mean cost of a cascade from `start` when tier i's answer is accepted with probability
+    `p_correct[i]` (the gate's prediction) and the last tier always answers."""
+    total, reach = 0.0, 1.0
+    for i in range(start, len(costs)):
+        total += reach * float(costs[i])
+        if i < len(costs) - 1:
+            reach *= 1.0 - float(p_correct[i])
+    return total
+
+
+def plan_cascade(
+    p_correct: Sequence[float] | np.ndarray,  # [t] the gate's P(correct) of each tier, in order
+    costs: Sequence[float] | np.ndarray,  # [t] each tier's mean cost per request
+    skip_thresholds: Sequence[float],  # [t - 1] start above tier i when its P is under this
+    *,
+    unfamiliar: bool = False,
+    fallback: int | None = None,  # tier index for unfamiliar prompts (default: the last)
+    cost_guard: bool = True,
+) -> CascadePlan:
+    """Pre-generation: skip the tiers predicted to fail; go straight to `fallback` for a prompt
+    unlike the calibration data; go straight to the top when the climb is expected to cost more
+    than the top tier alone."""
+    t = len(costs)
+    top = t - 1 if fallback is None else fallback
+    if unfamiliar:
+        return CascadePlan(top, "unfamiliar", float(costs[top]))
+    start = 0
+    while start < t - 1 and start < len(skip_thresholds) and p_correct[start] < skip_thresholds[start]:
+        start += 1
+    expected = expected_climb_cost(p_correct, costs, start)
+    if cost_guard and start < t - 1 and expected >= float(costs[t - 1]):
+        return CascadePlan(t - 1, "cost_guard", float(costs[t - 1]))
+    return CascadePlan(start, "predicted_fail" if start else "cheapest", expected)
+
+
+def replay_planned_cascade(
+    scores: np.ndarray,  # [n, t]
+    correct: np.ndarray,  # [n, t]
+    cost: np.ndarray,  # [n, t]
+    thresholds: Sequence[float],  # t - 1
+    start: np.ndarray,  # [n] the tier each prompt starts at
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`replay_cascade` where prompt i starts at tier `start[i]` (the tiers below are not run)."""
+    n, t = scores.shape
+    start = np.asarray(start, dtype=int)
+    answered = np.full(n, t - 1)
+    open_ = np.ones(n, dtype=bool)
+    for j, th in enumerate(thresholds):
+        take = open_ & (start <= j) & (scores[:, j] >= th)
+        answered[take] = j
+        open_ &= ~take
+    cum = np.cumsum(cost, axis=1)
+    before = np.where(start > 0, cum[np.arange(n), np.maximum(start - 1, 0)], 0.0)
+    spent = cum[np.arange(n), answered] - before
+    return answered, correct[np.arange(n), answered], spent

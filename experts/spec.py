@@ -34,8 +34,13 @@ BUILTIN_PREFIX = "builtin:"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # expert and adapter names (clients' `model`)
 
 
+HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?$")  # org/name[@revision]
+
+
 def resolve_model_path(path: str) -> Path:
-    """`builtin:NAME` is a model shipped in the package; anything else is a filesystem path."""
+    """`builtin:NAME` is a model shipped in the package; an existing path is itself; `org/name`
+    or `org/name@revision` is a Hugging Face hub id, resolved through `huggingface_hub`'s cache
+    (downloaded when not cached, unless offline: `HF_HUB_OFFLINE=1`); anything else is a path."""
     if path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX) :]
         resolved = MODELS_DIR / name
@@ -43,7 +48,30 @@ def resolve_model_path(path: str) -> Path:
             shipped = sorted(p.name for p in MODELS_DIR.iterdir() if p.is_dir()) if MODELS_DIR.is_dir() else []
             raise ValueError(f"unknown builtin model {name!r}; shipped models: {shipped}")
         return resolved
-    return Path(path).expanduser()
+    local = Path(path).expanduser()
+    hub = HUB_ID.match(path)
+    if local.exists() or hub is None or path.startswith((".", "/", "~")):
+        return local
+    return resolve_hub_id(hub.group(1), hub.group(2))
+
+
+def resolve_hub_id(repo_id: str, revision: str | None = None) -> Path:
+    """The local snapshot folder of a hub model (huggingface_hub's cache, `HF_HUB_CACHE`)."""
+    from huggingface_hub import constants, snapshot_download  # only hub ids need it
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=offline))
+    except Exception as exc:  # noqa: BLE001 - no network either: the cache may still hold it
+        if not offline:
+            try:
+                return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+            except Exception:  # noqa: BLE001 - report the first, more telling error
+                pass
+        where = f"{repo_id}@{revision}" if revision else repo_id
+        raise ValueError(f"model {where!r} is neither a local folder nor in the Hugging Face "
+                         f"cache ({constants.HF_HUB_CACHE}"
+                         f"{', offline' if offline else ''}): {exc}") from None
 
 
 def spec_default(model: type[BaseModel], name: str) -> Any:
@@ -164,7 +192,8 @@ class EngineSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str = Field(..., description="local Hugging Face model folder, or builtin:NAME")
+    model: str = Field(..., description="local Hugging Face model folder, builtin:NAME, or a "
+                       "hub id org/name[@revision] (huggingface_hub's cache)")
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: the paged or static engine; vllm: vLLM (extra)"
     )

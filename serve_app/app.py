@@ -105,5 +105,7 @@ def build_app(args: dict[str, Any]) -> Application:
         max_ongoing_requests=config.router.max_ongoing_requests,
         max_queued_requests=config.router.max_queued_requests,
         ray_actor_options={"num_cpus": config.router.num_cpus},
+        # a new `user_config.artifact` (serve deploy) swaps the artifact without a restart
+        **({"user_config": {"artifact": config.routing.artifact}} if config.routing.artifact else {}),
     )
     return router.bind(config.model_dump(mode="json"), handles)

@@ -67,6 +67,22 @@ class RoutingConfig(BaseModel):
     gate_default: str | None = Field(
         None, description="override the expert used under the floor (default: artifact's)"
     )
+    familiarity: bool = Field(
+        True, description="send prompts unlike the calibration data to `fallback` without "
+        "climbing (artifacts of format 2 and later)"
+    )
+    fallback: str | None = Field(
+        None, description="override where unfamiliar prompts go (default: the artifact's, the "
+        "strongest tier)"
+    )
+    log_path: str | None = Field(
+        None, description="routing log (JSONL) each router replica appends to: one line per "
+        "routed request and per feedback; unset: no log, and /v1/feedback is refused"
+    )
+    log_text: bool = Field(
+        False, description="also log the prompt text and the answers (needed by "
+        "`calibrate --from-logs`); off: a hash of the prompt only"
+    )
     sticky: bool = Field(True, description="keep a conversation on its expert or higher tier")
     session_ttl_s: float = Field(3600.0, gt=0, description="how long a session is remembered")
     max_sessions: int = Field(10000, ge=1, description="sessions remembered per router replica")
@@ -201,6 +217,8 @@ class AppConfig(BaseModel):
         if self.routing.gate_default is not None and self.routing.gate_default not in names:
             raise ValueError(f"routing.gate_default {self.routing.gate_default!r} is not an "
                              f"expert: {names}")
+        if self.routing.fallback is not None and self.routing.fallback not in names:
+            raise ValueError(f"routing.fallback {self.routing.fallback!r} is not an expert: {names}")
         if self.routing.artifact is not None:
             self._check_artifact(names)
         self._check_aliases(names, models)

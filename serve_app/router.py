@@ -9,12 +9,14 @@ routing policy (`moe`, `cascade`, with options: `cascade:budget=0.02`, see namin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable
 from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from frugalserve.cascade.artifact import ArtifactError
 from frugalserve.experts.engine import Completion, GenerationRequest
 from frugalserve.serve_app import naming
 from frugalserve.serve_app.auth import load_keys
@@ -35,7 +37,9 @@ from frugalserve.serve_app.protocol import (
 )
 from frugalserve.serve_app.record import Outcome, Prices, RoutingRecord
 from frugalserve.serve_app.remote import RemoteClient
+from frugalserve.serve_app.routing.log import FeedbackRequest
 from frugalserve.serve_app.routing.policies import Policies
+from frugalserve.serve_app.routing.swap import Swapper, SwapRequest
 from frugalserve.serve_app.sessions import SESSION_HEADER
 from frugalserve.serve_app.streaming import ResponseBuilder, held_events, live_events
 from ray import serve
@@ -74,6 +78,7 @@ class Router:
         art = self.config.artifact  # loaded once, by the validation above
         self.policies = None if art is None else Policies(self.config.routing, art, self.clients,
                                                           self.failover)
+        self.swapper = Swapper(self.config.routing.artifact)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """The HTTP API, built in the replica so that its middleware holds this router's keys."""
@@ -88,7 +93,48 @@ class Router:
         app.add_api_route("/v1/models/{model_id:path}", self.model, methods=["GET"])
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/router", self.router_status, methods=["GET"])
+        app.add_api_route("/v1/router", self.swap_router, methods=["POST"])
+        app.add_api_route("/v1/feedback", self.feedback, methods=["POST"])
         return app
+
+    async def feedback(self, body: FeedbackRequest) -> dict:
+        """A client's score of a routed answer, into the routing log (`routing.log_path`)."""
+        log = self.policies.log if self.policies is not None else None
+        if log is None:
+            raise APIError(400, "feedback needs the routing log (routing.log_path)",
+                           param="id", code="routing_log_disabled")
+        if not log.knows(body.id):
+            raise APIError(404, f"no routed completion {body.id!r} on this router (ids of "
+                           "moe and cascade answers are remembered)", param="id",
+                           code="completion_not_found")
+        log.feedback(body.id, body.value())
+        return {"id": body.id, "score": body.value(), "recorded": True}
+
+    # -- swapping the router artifact (serve_app/routing/swap.py) ---------------------------
+
+    def _swap(self, path: str) -> None:
+        self.policies = self.swapper.swap(path, self.config.routing, self.clients,
+                                          [e.name for e in self.config.experts], self.policies,
+                                          self.failover)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's `user_config` of the router deployment: `{"artifact": PATH}` swaps the artifact
+        in place; a refused one is logged and counted, and the old one keeps serving."""
+        path = (user_config or {}).get("artifact")
+        if path and path != self.swapper.path:
+            with contextlib.suppress(ArtifactError):
+                self._swap(path)
+
+    async def router_status(self) -> dict:
+        return self.swapper.status(self.policies)
+
+    async def swap_router(self, body: SwapRequest) -> dict:
+        try:
+            await asyncio.to_thread(self._swap, body.artifact)
+        except ArtifactError as exc:
+            raise APIError(400, str(exc), param="artifact", code="invalid_artifact") from None
+        return self.swapper.status(self.policies)
 
     # -- routing --------------------------------------------------------------------------
 
@@ -159,6 +205,7 @@ class Router:
         its tokens and cost."""
         if kind == "policy" and self.policies is not None and rec.answered_by:
             self.policies.remember(request, header, rec.answered_by, c.text)
+            self.policies.record(request, rec, c)
         record_outcome(rec.as_dict(), tuple(x.finish_reason for x in c.choices))
 
     # -- endpoints --------------------------------------------------------------------------

@@ -227,7 +227,7 @@ def evaluate(experts: list[tuple[str, Path]], tasks_: list[T.Task], *, url: str 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="frugalserve eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--split", default="test", choices=list(T.SPLITS))
+    parser.add_argument("--split", default="test", choices=list(T.EVAL_SPLITS))
     parser.add_argument("--limit", type=int, default=900, help="prompts (balanced over domains x difficulties)")
     parser.add_argument("--seed", type=int, default=0, help="which draw of the split")
     parser.add_argument("--domains", default=",".join(T.DOMAINS))

@@ -9,8 +9,10 @@
   difficulty is the popularity band (head, torso, tail).
 
 A prompt's split (`train` / `calib` / `test`) is a function of its text alone (a hash), so the
-splits never share a prompt however many are drawn. Answers are checked by exact match after
-normalising whitespace. This module needs only the standard library.
+splits never share a prompt however many are drawn. The `heldout` split asks the same operations
+in a family of phrasings (`HELDOUT_TEMPLATES`) that no training or calibration prompt uses, so it
+measures how the zoo and the router generalise beyond the training templates. Answers are checked
+by exact match after normalising whitespace. This module needs only the standard library.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 DOMAINS = ("arith", "text", "facts")
 DIFFICULTIES = (1, 2, 3)
 SPLITS = {"train": 0.8, "calib": 0.1, "test": 0.1}  # share of the prompt space
+HELDOUT = "heldout"  # the split of the held-out phrasing family, outside the hashed space
+EVAL_SPLITS = (*SPLITS, HELDOUT)
 
 WORLD_SEED = 20240611
 NUM_ENTITIES = 3000
@@ -41,6 +45,7 @@ class Task:
     kind: str  # the operation or attribute, e.g. "add", "reverse", "capital"
     prompt: str  # the user message
     answer: str
+    heldout: bool = False  # phrased with a held-out template (the `heldout` split)
 
     @property
     def id(self) -> str:
@@ -49,7 +54,7 @@ class Task:
 
     @property
     def split(self) -> str:
-        return split_of(self.prompt)
+        return HELDOUT if self.heldout else split_of(self.prompt)
 
     @property
     def messages(self) -> tuple[dict, ...]:
@@ -96,10 +101,13 @@ def _number(rng: random.Random, digits: int) -> int:
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
 
-def make_arith(rng: random.Random, difficulty: int) -> Task:
+def make_arith(rng: random.Random, difficulty: int, *, heldout: bool = False) -> Task:
     op, da, db = rng.choice(ARITH_LEVELS[difficulty])
     a, b = _number(rng, da), _number(rng, db)
     kind, fn = _OPS[op]
+    if heldout:
+        prompt = rng.choice(HELDOUT_TEMPLATES[kind]).format(a=a, b=b)
+        return Task("arith", difficulty, kind, prompt, str(fn(a, b)), heldout=True)
     return Task("arith", difficulty, kind, f"What is {a} {op} {b}?", str(fn(a, b)))
 
 
@@ -114,8 +122,10 @@ def _word(rng: random.Random, difficulty: int) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
 
 
-def make_text(rng: random.Random, difficulty: int) -> Task:
+def make_text(rng: random.Random, difficulty: int, *, heldout: bool = False) -> Task:
     word, op = _word(rng, difficulty), rng.choice(TEXT_OPS)
+    if heldout:
+        return _heldout_text(rng, difficulty, op, word)
     if op == "reverse":
         return Task("text", difficulty, op, f'Reverse the word "{word}".', word[::-1])
     if op == "sort":
@@ -129,6 +139,16 @@ def make_text(rng: random.Random, difficulty: int) -> Task:
     if op == "last":
         return Task("text", difficulty, op, f'What is the last letter of "{word}"?', word[-1])
     return Task("text", difficulty, op, f'How many letters are in "{word}"?', str(len(word)))
+
+
+def _heldout_text(rng: random.Random, difficulty: int, op: str, word: str) -> Task:
+    letter = ""
+    if op == "count":
+        letter = rng.choice(word) if rng.random() < 0.7 else rng.choice(string.ascii_lowercase)
+    answer = {"reverse": word[::-1], "sort": "".join(sorted(word)), "count": str(word.count(letter)),
+              "upper": word.upper(), "last": word[-1], "length": str(len(word))}[op]
+    prompt = rng.choice(HELDOUT_TEMPLATES[op]).format(w=word, l=letter)
+    return Task("text", difficulty, op, prompt, answer, heldout=True)
 
 
 # -- facts -----------------------------------------------------------------------------------
@@ -167,6 +187,31 @@ FACT_TEMPLATES = {
         "{e} has which national animal?",
         "The national animal of {e} is which?",
     ),
+}
+# The held-out phrasing family: other word order, wording and formatting for every operation and
+# attribute. No training, calibration or test prompt uses these; only the `heldout` split does.
+HELDOUT_TEMPLATES = {
+    "add": ("Compute {a} plus {b}.", "{a}+{b}=?", "Add {a} and {b}.", "Sum of {a} and {b}:"),
+    "sub": ("Compute {a} minus {b}.", "{a}-{b}=?", "Subtract {b} from {a}.",
+            "Difference of {a} and {b}:"),
+    "mul": ("Compute {a} times {b}.", "{a}*{b}=?", "Multiply {a} by {b}.",
+            "Product of {a} and {b}:"),
+    "reverse": ('Spell "{w}" backwards.', 'Write the word "{w}" in reverse order.',
+                '"{w}" reversed is?'),
+    "sort": ('Put the letters of "{w}" in alphabetical order.', '"{w}" with its letters sorted:',
+             'Arrange the letters in "{w}" alphabetically.'),
+    "count": ('Count the letter "{l}" in "{w}".', 'In "{w}", how often is "{l}" found?',
+              'Number of "{l}" letters in "{w}":'),
+    "upper": ('Uppercase "{w}".', 'Convert "{w}" to upper case.', '"{w}" in capitals:'),
+    "last": ('Which letter ends "{w}"?', 'Final letter of "{w}":', '"{w}" ends with which letter?'),
+    "length": ('Count the letters of "{w}".', 'What is the length of the word "{w}"?',
+               'Length of "{w}":'),
+    "capital": ("Tell me the capital of {e}.", "Capital of {e}?", "{e}: capital city?"),
+    "founded": ("Tell me when {e} was founded.", "Founding year of {e}?", "{e}: year founded?"),
+    "colour": ("Tell me the colour of the flag of {e}.", "Flag colour of {e}?",
+               "{e}: colour of its flag?"),
+    "animal": ("Tell me the national animal of {e}.", "National animal of {e}?",
+               "{e}: national animal?"),
 }
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "br", "kr", "st", "dr", "gl")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
@@ -226,7 +271,8 @@ def _zipf_cumulative(size: int, offset: float) -> list[float]:
     return out
 
 
-def make_fact(rng: random.Random, difficulty: int | None = None, *, zipf: bool = False) -> Task:
+def make_fact(rng: random.Random, difficulty: int | None = None, *, zipf: bool = False,
+              heldout: bool = False) -> Task:
     """A question about one country: drawn by popularity (`zipf`, training) or uniformly within
     the band of `difficulty` (evaluation)."""
     entities = world()
@@ -239,23 +285,27 @@ def make_fact(rng: random.Random, difficulty: int | None = None, *, zipf: bool =
         lo, hi = POPULARITY_BANDS[difficulty - 1]
         entity = entities[rng.randrange(lo, hi)]
     attr = rng.choice(ATTRIBUTES)
-    prompt = rng.choice(FACT_TEMPLATES[attr]).format(e=entity.name)
-    return Task("facts", popularity_band(entity.rank), attr, prompt, entity.attribute(attr))
+    templates = HELDOUT_TEMPLATES[attr] if heldout else FACT_TEMPLATES[attr]
+    prompt = rng.choice(templates).format(e=entity.name)
+    return Task("facts", popularity_band(entity.rank), attr, prompt, entity.attribute(attr),
+                heldout=heldout)
 
 
 # -- drawing prompts ---------------------------------------------------------------------------
 
 
-def sample(domain: str, rng: random.Random, difficulty: int | None = None, *, zipf: bool = False) -> Task:
-    """One task of `domain`; difficulty uniform when not given (facts with `zipf`: by popularity)."""
+def sample(domain: str, rng: random.Random, difficulty: int | None = None, *, zipf: bool = False,
+           heldout: bool = False) -> Task:
+    """One task of `domain`; difficulty uniform when not given (facts with `zipf`: by popularity);
+    `heldout` phrases it with a held-out template."""
     if domain == "facts":
         if zipf:
-            return make_fact(rng, zipf=True)
-        return make_fact(rng, difficulty or rng.choice(DIFFICULTIES))
+            return make_fact(rng, zipf=True, heldout=heldout)
+        return make_fact(rng, difficulty or rng.choice(DIFFICULTIES), heldout=heldout)
     maker = {"arith": make_arith, "text": make_text}.get(domain)
     if maker is None:
         raise ValueError(f"unknown domain {domain!r}; domains: {DOMAINS}")
-    return maker(rng, difficulty or rng.choice(DIFFICULTIES))
+    return maker(rng, difficulty or rng.choice(DIFFICULTIES), heldout=heldout)
 
 
 def _seed(*parts) -> int:
@@ -266,10 +316,12 @@ def generate(split: str, n: int, *, seed: int = 0, domains: Sequence[str] = DOMA
     """`n` distinct tasks of `split`, balanced: cycling over domains, then difficulties.
 
     The list for a given (split, seed, domains) is fixed, and its first k items are the list for
-    n = k, so `--limit` takes a stable slice.
+    n = k, so `--limit` takes a stable slice. `heldout` draws every prompt from the held-out
+    phrasing family (its content, numbers, words and countries, as in the other splits).
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; splits: {list(SPLITS)}")
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits: {list(EVAL_SPLITS)}")
+    heldout = split == HELDOUT
     rngs = {d: random.Random(_seed("eval", split, seed, d)) for d in domains}
     seen: set[str] = set()
     out: list[Task] = []
@@ -277,7 +329,7 @@ def generate(split: str, n: int, *, seed: int = 0, domains: Sequence[str] = DOMA
         domain = domains[i % len(domains)]
         difficulty = DIFFICULTIES[(i // len(domains)) % len(DIFFICULTIES)]
         for _ in range(100_000):
-            task = sample(domain, rngs[domain], difficulty)
+            task = sample(domain, rngs[domain], difficulty, heldout=heldout)
             if task.prompt not in seen and task.split == split:
                 break
         else:  # the head of the facts world holds ~200 prompts per split and difficulty

@@ -50,12 +50,40 @@ def write_report(report: dict, out: Path, label: str) -> None:
               "", f"MoE gate: cost weight {g['cost_weight']}, picks a correct expert on "
               f"{_pct(g['expert_choice_accuracy'])} of the {g['solvable_prompts']} prompts some "
               f"expert answers correctly; choices {g['chosen']}.", "",
-              "Scorer AUROC (trained) vs mean-logprob AUROC, per expert: " + ", ".join(
-                  f"{e} {_f(report['scorer_auroc'][e])} / {_f(report['logprob_auroc'][e])}"
-                  for e in report["single"]), "",
+              "Scorer AUROC (trained) [95 % CI] vs mean-logprob AUROC, per expert: " + ", ".join(
+                  f"{e} {_f(report['scorer_auroc'][e])}{_auc_ci(report, e)} / "
+                  f"{_f(report['logprob_auroc'][e])}"
+                  for e in report["single"]), "", *_mix_lines(report),
               "![frontier](frontier.png)", "", "![pgr](pgr.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     _plots(report, out)
+
+
+def _auc_ci(report: dict, e: str) -> str:
+    lo, hi = (report.get("scorer_auroc_ci95") or {}).get(e, (None, None))
+    return "" if lo is None or lo != lo else f" [{lo:.3f}, {hi:.3f}]"
+
+
+def _mix_lines(report: dict) -> list[str]:
+    """No regret: per traffic mix, each policy's cost relative to the strongest tier."""
+    mixes = report.get("mixes") or {}
+    if not mixes:
+        return []
+    c = report["cascade"]
+    lines = [f"Traffic mixes (no regret: cost ≤ 1.0× `{report['strong']}` at accuracy ≥ its − 0.5 "
+             f"point). {c.get('unfamiliar', 0)} of {report['n_prompts']} prompts were unfamiliar "
+             "(sent to the fallback without climbing).", "",
+             "| mix | n | strongest tier acc | cascade acc | cascade cost × | plain cascade cost × "
+             "| moe acc | moe cost × | no regret (cascade / moe) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, b in mixes.items():
+        ca, pl, mo = b["cascade"], b["cascade_plain"], b["moe"]
+        lines.append(
+            f"| {name} | {b['n']} | {b['strongest_accuracy']:.3f} | {ca['accuracy']:.3f} | "
+            f"{ca['cost_vs_strongest']:.3f} | {pl['cost_vs_strongest']:.3f} | "
+            f"{mo['accuracy']:.3f} | {mo['cost_vs_strongest']:.3f} | "
+            f"{'yes' if ca['no_regret'] else 'no'} / {'yes' if mo['no_regret'] else 'no'} |")
+    return [*lines, ""]
 
 
 def _f(x) -> str:

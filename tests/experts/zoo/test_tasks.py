@@ -135,3 +135,30 @@ def test_prompts_are_chat_messages_and_ids_stable():
 def test_asking_for_more_than_a_split_holds_is_a_clear_error():
     with pytest.raises(ValueError, match="no more facts prompts"):
         T.generate("test", 5000, domains=("facts",))
+
+
+def test_heldout_split_uses_only_heldout_phrasings():
+    held = T.generate("heldout", 90, seed=0)
+    assert held == T.generate("heldout", 90, seed=0)
+    assert collections.Counter((t.domain, t.difficulty) for t in held) == {
+        (d, k): 10 for d in T.DOMAINS for k in T.DIFFICULTIES}
+    assert all(t.split == "heldout" and t.heldout for t in held)
+    # no held-out prompt could have come from a training / calib / test template
+    stream = T.training_stream(seed=2)
+    seen = {t.prompt for t in (next(stream) for _ in range(3000))}
+    seen |= {t.prompt for s in T.SPLITS for t in T.generate(s, 300)}
+    assert not seen & {t.prompt for t in held}
+    trained_starts = {p.split()[0] for p in seen}
+    assert {t.prompt.split()[0] for t in held if t.domain == "arith"}.isdisjoint(trained_starts)
+
+
+def test_heldout_answers_match_their_in_template_twins():
+    import random
+
+    for domain in T.DOMAINS:
+        for difficulty in T.DIFFICULTIES:
+            a, b = random.Random(11), random.Random(11)
+            plain = T.sample(domain, a, difficulty)
+            held = T.sample(domain, b, difficulty, heldout=True)
+            assert (held.answer, held.kind, held.difficulty) == (plain.answer, plain.kind, plain.difficulty)
+            assert held.prompt != plain.prompt
