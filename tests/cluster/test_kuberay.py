@@ -248,10 +248,23 @@ def test_worker_count_from_expert_resources(tmp_path, capsys, experts, per_worke
 def test_remote_expert_keys_come_from_a_secret(tmp_path, capsys):
     path = write_config(tmp_path, [expert("a", 1), REMOTE])
     _, manifest = generate("--config", str(path), "--name", "fs", capsys=capsys)
-    (env,) = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"][
+    _, env = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"][
         "containers"][0]["env"]
     assert env == {"name": "HOSTED_KEY", "valueFrom": {"secretKeyRef": {
         "name": "fs-api-keys", "key": "HOSTED_KEY", "optional": True}}}
+
+
+def test_ray_containers_run_serve_in_high_throughput_mode_unless_asked_not_to(tmp_path, capsys):
+    path = write_config(tmp_path, [expert("a", 1)])
+    mode = {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"}
+    _, manifest = generate("--config", str(path), capsys=capsys)
+    cluster = manifest["spec"]["rayClusterConfig"]
+    containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0],
+                  *(g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"])]
+    assert all(mode in c["env"] for c in containers)
+    _, manifest = generate("--config", str(path), "--no-throughput-mode", capsys=capsys)
+    cluster = manifest["spec"]["rayClusterConfig"]
+    assert "env" not in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
 
 
 def test_cpu_only_config_gets_cpu_workers(tmp_path, capsys):
