@@ -70,7 +70,9 @@ def _domains(model: str) -> list[str]:
 
 
 def build_config(models: list[str], backends: list[str], modes: list[str], skip: dict[str, str],
-                 share: float, kv_bytes: int, max_seqs: int, levels: list[int]):
+                 share: float | None, kv_bytes: int, max_seqs: int, levels: list[int]):
+    """The application's config, the vLLM variants in it, the pairs skipped, and the GPU share of
+    each replica (`share`, or 0.9 of the GPU split evenly over every replica)."""
     experts, variants, skipped = [], [], []
     for m in models:
         info = model_info(m)
@@ -79,7 +81,7 @@ def build_config(models: list[str], backends: list[str], modes: list[str], skip:
             "engine": {"model": f"builtin:{m}", "dtype": "bfloat16",
                        "kv_cache": {"memory_budget_bytes": kv_bytes}},
             "deployment": {"max_ongoing_requests": 4 * max(levels), "autoscaling": {"enabled": False},
-                           "resources": {"num_cpus": 1, "num_gpus": share}},
+                           "resources": {"num_cpus": 1}},
         })
         for b in backends:
             why = skip.get(b)
@@ -94,15 +96,19 @@ def build_config(models: list[str], backends: list[str], modes: list[str], skip:
                     "name": name,
                     "engine": {"model": f"builtin:{m}", "backend": "vllm", "dtype": "bfloat16",
                                "vllm": {"attention_backend": b, "enforce_eager": mode == "eager",
-                                        "gpu_memory_utilization": min(share, 0.05),
                                         "kv_cache_memory_bytes": kv_bytes, "max_num_seqs": max_seqs}},
                     "deployment": {"max_ongoing_requests": 4 * max(levels),
                                    "autoscaling": {"enabled": False},
-                                   "resources": {"num_cpus": 1, "num_gpus": share}},
+                                   "resources": {"num_cpus": 1}},
                 })
+    share = share or round(0.9 / len(experts), 3)
+    for e in experts:
+        e["deployment"]["resources"]["num_gpus"] = share
+        if e["engine"].get("backend") == "vllm":  # vLLM's start-up check: its share must be free
+            e["engine"]["vllm"]["gpu_memory_utilization"] = min(share, 0.05)
     config = {"gpus": "always", "default_model": experts[0]["name"],
               "router": {"num_cpus": 2, "max_ongoing_requests": 8 * max(levels)}, "experts": experts}
-    return config, variants, skipped
+    return config, variants, skipped, share
 
 
 def answers(url: str, model: str, prompts: list[str], max_tokens: int, top: int) -> list[dict]:
@@ -166,11 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     modes, levels = args.modes.split(","), [int(x) for x in args.levels.split(",")]
     skip = dict(kv.split("=", 1) for kv in args.skip.split(",") if kv)
 
-    _, variants, _ = build_config(models, backends, modes, skip, 0.05, args.kv_bytes,
-                                  args.max_num_seqs, levels)
-    share = args.gpu_share or round(0.9 / (len(variants) + len(models)), 3)
-    config, variants, skipped = build_config(models, backends, modes, skip, share, args.kv_bytes,
-                                             args.max_num_seqs, levels)
+    config, variants, skipped, share = build_config(models, backends, modes, skip, args.gpu_share,
+                                                    args.kv_bytes, args.max_num_seqs, levels)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray

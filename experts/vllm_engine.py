@@ -18,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import struct
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from frugalserve.experts.engine import (
@@ -263,23 +266,15 @@ def kv_memory_stats(*, num_blocks: int, block_size: int, bytes_per_token: int,
     return stats
 
 
-def checkpoint_parameters(folder) -> int:
+def checkpoint_parameters(folder: str | Path) -> int:
     """Parameters in a model folder's safetensors files, read from their headers (no weights
     loaded): what the default per-token cost of an expert scales with."""
-    import pathlib
-    import struct
-
     total = 0
-    for f in sorted(pathlib.Path(folder).glob("*.safetensors")):
+    for f in sorted(Path(folder).glob("*.safetensors")):
         with open(f, "rb") as fh:
             (size,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(size))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                n = 1
-                for dim in entry["shape"]:
-                    n *= dim
-                total += n
+        total += sum(math.prod(e["shape"]) for name, e in header.items() if name != "__metadata__")
     return total
 
 
