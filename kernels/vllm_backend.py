@@ -4,9 +4,10 @@ differs between them lives in `vllm_compat`).
 `register()` is the `vllm.general_plugins` entry point: it runs in every vLLM process (engine core,
 workers) and maps `AttentionBackendEnum.CUSTOM` to `FrugalAttentionBackend`; the model then selects
 it with `attention_backend="CUSTOM"`. The impl runs our kernels through `dispatch` (Triton on CUDA,
-the reference elsewhere): requests with a one-token query go to the paged-decode kernel, the others
-(prefill, chunked prefill, prefix-cache hits) to the varlen prefill kernel over their whole context
-gathered from the paged cache. ALiBi slopes and GQA/MQA are supported, and vLLM's fp8 (e4m3) KV
+the reference elsewhere): every row of a step (decodes, prefills, chunked prefills, prefix-cache
+hits) in one launch of the paged prefill kernel, which reads vLLM's query_start_loc, seq_lens and
+block table on the device. Nothing is planned on the host, so the builder declares full CUDA-graph
+support (`AttentionCGSupport.ALWAYS`). ALiBi slopes and GQA/MQA are supported, and vLLM's fp8 (e4m3) KV
 cache (`kv_cache_dtype` "fp8" / "fp8_e4m3": vLLM allocates it as bytes, viewed here as
 float8_e4m3fn, with the per-layer float32 scales `layer._k_scale` / `layer._v_scale`, quantized as
 x / scale on write and read back as cache x scale, as vLLM's own Triton backend does; queries stay
@@ -38,8 +39,8 @@ from .vllm_compat import (
     split_kv_cache,
 )
 
-__all__ = ["SUPPORTED_TEXT", "VLLMUnavailableError", "split_kv_cache", "register", "plan_batch",
-           "unsupported_reasons", "write_kv", "attend", "BatchPlan"]
+__all__ = ["SUPPORTED_TEXT", "VLLMUnavailableError", "split_kv_cache", "register",
+           "unsupported_reasons", "write_kv", "attend"]
 
 CLASS_PATH = f"{__name__}.FrugalAttentionBackend"
 _CLASSES = ("FrugalAttentionBackend", "FrugalAttentionImpl", "FrugalAttentionMetadata",
@@ -93,57 +94,6 @@ def unsupported_reasons(
     return reasons
 
 
-@dataclass
-class BatchPlan:
-    """How one vLLM batch splits between our two kernels (host tensors, int64).
-
-    Decode: requests whose query is one token. Prefill: the others with a query, their tokens in
-    batch order and their whole context (cached + new) gathered from the paged cache."""
-
-    decode_reqs: torch.Tensor  # [Bd] request index
-    decode_tokens: torch.Tensor  # [Bd] token index of its query in the batch
-    prefill_tokens: torch.Tensor  # [Tq] token indices, request by request
-    prefill_kv_req: torch.Tensor  # [Tk] request of each context token to gather
-    prefill_kv_pos: torch.Tensor  # [Tk] position of that token in its request
-    prefill_cu_q: torch.Tensor  # [Bp + 1]
-    prefill_cu_k: torch.Tensor  # [Bp + 1]
-    prefill_max_q: int
-
-
-def plan_batch(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> BatchPlan:
-    """Split a batch from host `query_start_loc` [B + 1] and `seq_lens` [B] (context incl. the new
-    tokens). Requests with an empty query (padding) are left out."""
-    qsl = query_start_loc.long().cpu()
-    seq = seq_lens.long().cpu()
-    qlens = qsl[1:] - qsl[:-1]
-    decode = torch.nonzero(qlens == 1).flatten()
-    prefill = torch.nonzero(qlens > 1).flatten()
-    pq, pk = qlens[prefill], seq[prefill]
-    if bool((pk < pq).any()):
-        raise ValueError(f"a request's context ({pk.tolist()}) is shorter than its query ({pq.tolist()})")
-    zero = torch.zeros(1, dtype=torch.long)
-    cu_q, cu_k = torch.cat([zero, pq.cumsum(0)]), torch.cat([zero, pk.cumsum(0)])
-    return BatchPlan(
-        decode_reqs=decode,
-        decode_tokens=qsl[decode],
-        prefill_tokens=_ranges(qsl[prefill], pq),
-        prefill_kv_req=torch.repeat_interleave(prefill, pk),
-        prefill_kv_pos=_ranges(torch.zeros_like(pk), pk),
-        prefill_cu_q=cu_q,
-        prefill_cu_k=cu_k,
-        prefill_max_q=int(pq.max()) if pq.numel() else 0,
-    )
-
-
-def _ranges(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Concatenation of arange(s, s + n) for each (s, n)."""
-    if lengths.numel() == 0:
-        return torch.zeros(0, dtype=torch.long)
-    total = int(lengths.sum())
-    offsets = torch.arange(total) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-    return torch.repeat_interleave(starts, lengths) + offsets
-
-
 def is_fp8_kv_cache(kv_cache_dtype: str) -> bool:
     return kv_cache_dtype in _FP8_KV_CACHE_DTYPES
 
@@ -172,36 +122,26 @@ def write_kv(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_s
     value_cache[blocks, offsets] = value
 
 
-def attend(query, key_cache, value_cache, block_table, seq_lens, plan, out, *, scale, alibi_slopes,
-           max_seq_len=None, k_scale=None, v_scale=None) -> None:
+def attend(query, key_cache, value_cache, block_table, query_start_loc, seq_lens, out, *, max_query_len,
+           scale, alibi_slopes, k_scale=None, v_scale=None) -> None:
     """Attention of query [T, Hq, D] over the paged cache (new K/V already written) into out
-    [T, Hq, D], as `plan` splits the batch: one-token queries through the paged-decode kernel, the
-    rest through the varlen prefill kernel on their gathered context. An fp8 cache is read with
-    `k_scale`/`v_scale` (float32, [1] or [Hkv])."""
+    [T, Hq, D]: every row of the step, decodes and prefill chunks alike, in one launch of the paged
+    prefill kernel (`dispatch.paged_prefill`), which reads `query_start_loc` [B + 1], `seq_lens` [B]
+    and `block_table` [>= B, max_blocks] on the device. Nothing is read on the host, nothing is
+    allocated by value: the launch can be captured in a CUDA graph and replayed with vLLM's
+    persistent buffers. Requests with an empty query (padding) are skipped by the kernel.
+    `max_query_len` (host int) picks the tile only. An fp8 cache is read with `k_scale`/`v_scale`
+    (float32, [1] or [Hkv])."""
     from . import dispatch
 
     if key_cache.dtype == torch.float8_e4m3fn:
         k_scale, v_scale = (s.float().reshape(-1) for s in (k_scale, v_scale))
     else:
         k_scale = v_scale = None
-    if plan.decode_tokens.numel():
-        reqs, toks = plan.decode_reqs, plan.decode_tokens
-        q = query[toks][:, None]  # [Bd, 1, Hq, D]
-        res = dispatch.decode(q, key_cache, value_cache, block_table[reqs], seq_lens[reqs],
-                              alibi_slopes=alibi_slopes, scale=scale, max_context_len=max_seq_len,
-                              k_scale=k_scale, v_scale=v_scale)
-        out[toks] = res[:, 0]
-    if plan.prefill_tokens.numel():
-        block_size = key_cache.shape[1]
-        pos = plan.prefill_kv_pos
-        blocks = block_table[plan.prefill_kv_req, pos // block_size].long()
-        k = key_cache[blocks, pos % block_size]  # [Tk, Hkv, D]
-        v = value_cache[blocks, pos % block_size]
-        res = dispatch.attention_varlen(query[plan.prefill_tokens], k, v, plan.prefill_cu_q,
-                                        plan.prefill_cu_k, plan.prefill_max_q, causal=True,
-                                        alibi_slopes=alibi_slopes, scale=scale, k_scale=k_scale,
-                                        v_scale=v_scale)
-        out[plan.prefill_tokens] = res
+    num_reqs = query_start_loc.shape[0] - 1
+    dispatch.paged_prefill(query, key_cache, value_cache, block_table[:num_reqs], query_start_loc,
+                           seq_lens[:num_reqs], max_seqlen_q=max_query_len, alibi_slopes=alibi_slopes,
+                           scale=scale, out=out, k_scale=k_scale, v_scale=v_scale)
 
 
 def __getattr__(name: str):
@@ -236,32 +176,30 @@ def _define() -> dict:
         block_table: torch.Tensor  # [B, max_blocks]
         slot_mapping: torch.Tensor  # [T]
         causal: bool | torch.Tensor
-        plan: BatchPlan  # on the device
 
     class FrugalAttentionMetadataBuilder(AttentionMetadataBuilder[FrugalAttentionMetadata]):
-        # The plan is built on the host every step: attention runs eagerly (piecewise CUDA graphs).
-        _cudagraph_support = AttentionCGSupport.NEVER
+        # The metadata is vLLM's own device tensors, read in place by one kernel launch per layer:
+        # full CUDA graphs for any batch, as vLLM's Triton backend declares.
+        _cudagraph_support = AttentionCGSupport.ALWAYS
 
         def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
+        def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata
+                                        ) -> FrugalAttentionMetadata:
+            metadata = self.build(0, common_attn_metadata)
+            # capture with one-token contexts: the captured launch reads the real lengths on replay
+            metadata.seq_lens.fill_(1)
+            return metadata
+
         def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
                   fast_build: bool = False) -> FrugalAttentionMetadata:
             m = common_attn_metadata
-            n = m.num_reqs
-            seq_cpu = m.seq_lens_cpu_upper_bound  # exact on prefill rows, the only ones read on host
-            if seq_cpu is None:
-                seq_cpu = m.seq_lens.cpu()
-            plan = plan_batch(m.query_start_loc_cpu[: n + 1], seq_cpu[:n])
-            device_plan = BatchPlan(**{
-                k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in vars(plan).items()
-            })
             return FrugalAttentionMetadata(
                 num_actual_tokens=m.num_actual_tokens, max_query_len=m.max_query_len,
-                max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
-                block_table=m.block_table_tensor, slot_mapping=m.slot_mapping, causal=m.causal,
-                plan=device_plan,
+                max_seq_len=m.max_seq_len, query_start_loc=m.query_start_loc[: m.num_reqs + 1],
+                seq_lens=m.seq_lens[: m.num_reqs], block_table=m.block_table_tensor,
+                slot_mapping=m.slot_mapping, causal=m.causal,
             )
 
     class FrugalAttentionBackend(AttentionBackend):
@@ -357,9 +295,10 @@ def _define() -> dict:
                 self.alibi_slopes = self.alibi_slopes.to(query.device)
             out = output[:n].view(n, self.num_heads, self.head_size)
             attend(query[:n].reshape(n, self.num_heads, self.head_size), key_cache, value_cache,
-                   attn_metadata.block_table, attn_metadata.seq_lens, attn_metadata.plan, out,
-                   scale=self.scale, alibi_slopes=self.alibi_slopes, max_seq_len=attn_metadata.max_seq_len,
-                   k_scale=getattr(layer, "_k_scale", None), v_scale=getattr(layer, "_v_scale", None))
+                   attn_metadata.block_table, attn_metadata.query_start_loc, attn_metadata.seq_lens, out,
+                   max_query_len=attn_metadata.max_query_len, scale=self.scale,
+                   alibi_slopes=self.alibi_slopes, k_scale=getattr(layer, "_k_scale", None),
+                   v_scale=getattr(layer, "_v_scale", None))
             return output
 
     classes = {c.__name__: c for c in (FrugalAttentionMetadata, FrugalAttentionMetadataBuilder,

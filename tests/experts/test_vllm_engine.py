@@ -228,24 +228,19 @@ def test_kv_memory_stats():
 # -- the backend's batch split and paged attention, on the PyTorch reference --------------------
 
 
-def test_plan_batch_splits_decodes_and_prefills():
-    # queries of 1, 3, 0 (padding row), 1, 2 tokens; contexts incl. the new tokens
-    qsl = torch.tensor([0, 1, 4, 4, 5, 7])
-    plan = vllm_backend.plan_batch(qsl, torch.tensor([9, 5, 0, 1, 2]))
-    assert plan.decode_reqs.tolist() == [0, 3] and plan.decode_tokens.tolist() == [0, 4]
-    assert plan.prefill_tokens.tolist() == [1, 2, 3, 5, 6]
-    assert plan.prefill_kv_req.tolist() == [1] * 5 + [4] * 2
-    assert plan.prefill_kv_pos.tolist() == [0, 1, 2, 3, 4, 0, 1]
-    assert plan.prefill_cu_q.tolist() == [0, 3, 5] and plan.prefill_cu_k.tolist() == [0, 5, 7]
-    assert plan.prefill_max_q == 3
-
-
+@pytest.mark.parametrize("path", ["reference", "triton"])
 @pytest.mark.parametrize("release", ["0.24", "0.33"])
-def test_attend_over_vllm_cache_layout_matches_reference(monkeypatch, release):
-    """Each release's layer cache, written with write_kv, read by attend (GQA 8/2, ALiBi, mixed
-    batch): 0.24's [blocks, 2, block, Hkv, D]; 0.33's [blocks, Hkv, block, 2*D], stored block-major
-    as vLLM's default LBNHC layout."""
-    monkeypatch.setenv("FRUGALSERVE_ATTENTION", "reference")
+def test_attend_over_vllm_cache_layout_matches_reference(monkeypatch, release, path):
+    """Each release's layer cache, written with write_kv, read by attend in one launch (GQA 8/2,
+    ALiBi; a decode, a fresh prefill, a chunk over a cached prefix and a padding request with an
+    empty query, as vLLM pads a batch for a CUDA graph): 0.24's [blocks, 2, block, Hkv, D]; 0.33's
+    [blocks, Hkv, block, 2*D], stored block-major as vLLM's default LBNHC layout. The padding
+    request's row of the (larger) block table and its seq_len are never read, and the output rows
+    past the batch's tokens are left as they were."""
+    if path == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FRUGALSERVE_ATTENTION", path)
     torch.manual_seed(0)
     hq, hkv, d, bs, nblocks = 8, 2, 32, 4, 16
     if release == "0.24":
@@ -254,7 +249,9 @@ def test_attend_over_vllm_cache_layout_matches_reference(monkeypatch, release):
         kv_cache = torch.zeros(nblocks, bs, hkv, 2 * d).transpose(1, 2)  # logical [B, H, N, 2D]
     kc, vc = vllm_backend.split_kv_cache(kv_cache, d)
     batch = [(6, 1), (0, 5), (3, 2)]  # (cached, new)
-    tables = torch.tensor([[3, 7, 0, 0], [9, 2, 0, 0], [5, 0, 0, 0]])
+    # the padding request's row points past the cache: reading it would fail
+    tables = torch.tensor([[3, 7, 0, 0], [9, 2, 0, 0], [5, 0, 0, 0], [99, 99, 99, 99], [0, 0, 0, 0]],
+                          dtype=torch.int32)
     ks = [torch.randn(c + n, hkv, d) for c, n in batch]
     vs = [torch.randn(c + n, hkv, d) for c, n in batch]
     slots = [torch.tensor([int(tables[r, p // bs]) * bs + p % bs for p in range(c + n)])
@@ -262,13 +259,14 @@ def test_attend_over_vllm_cache_layout_matches_reference(monkeypatch, release):
     for r in range(len(batch)):
         vllm_backend.write_kv(ks[r], vs[r], kc, vc, torch.cat([slots[r], torch.tensor([-1])]))
     qlens = [n for _, n in batch]
-    qsl = torch.tensor([0, 1, 6, 8])
-    seq = torch.tensor([c + n for c, n in batch])
-    q = torch.randn(sum(qlens), hq, d)
+    qsl = torch.tensor([0, 1, 6, 8, 8], dtype=torch.int32)  # the 4th request: padding, no query
+    seq = torch.tensor([c + n for c, n in batch] + [0, 7], dtype=torch.int32)  # [>= B]: vLLM's buffer
+    q = torch.randn(sum(qlens) + 2, hq, d)  # two padding tokens past the batch
     out = torch.full_like(q, float("nan"))
     slopes = alibi_slopes(hq)
-    plan = vllm_backend.plan_batch(qsl, seq)
-    vllm_backend.attend(q, kc, vc, tables, seq, plan, out, scale=d ** -0.5, alibi_slopes=slopes)
+    vllm_backend.attend(q, kc, vc, tables, qsl, seq, out, max_query_len=max(qlens), scale=d ** -0.5,
+                        alibi_slopes=slopes)
+    assert out[sum(qlens):].isnan().all()
     for r in range(len(batch)):
         lo, hi = int(qsl[r]), int(qsl[r + 1])
         ref = attention_reference(q[None, lo:hi], ks[r][None], vs[r][None], causal=True,

@@ -229,10 +229,9 @@ def test_vllm_backend_fp8_cache_pieces():
     vb.write_kv(torch.cat(k), torch.cat(v), kc, vc, slots, k_scale, v_scale)
     # this step: request 0 decodes its last token, request 1 prefills all three
     qsl, seq = torch.tensor([0, 1, 4], dtype=torch.int32), torch.tensor(lens, dtype=torch.int32)
-    plan = vb.plan_batch(qsl, seq)
     query = torch.randn(4, hq, d, generator=g)
     out = torch.full_like(query, float("nan"))
-    vb.attend(query, kc, vc, table, seq, plan, out, scale=d ** -0.5, alibi_slopes=None,
+    vb.attend(query, kc, vc, table, qsl, seq, out, max_query_len=3, scale=d ** -0.5, alibi_slopes=None,
               k_scale=k_scale, v_scale=v_scale)
     for r, (lo, hi) in enumerate([(0, 1), (1, 4)]):
         kq, vq = quantize_fp8(k[r], k_scale.reshape(1)), quantize_fp8(v[r], v_scale.reshape(1))

@@ -263,6 +263,75 @@ def test_forward_mixed_batch_matches_reference(vllm_config, monkeypatch, mode, l
     assert torch.isnan(output[n_tok:]).all(), "padding rows must be left alone"
 
 
+def test_builder_declares_full_cuda_graphs():
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    assert vb.FrugalAttentionMetadataBuilder._cudagraph_support == AttentionCGSupport.ALWAYS
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
+def test_forward_captured_in_a_cuda_graph_replays_other_batches(vllm_config, kv_dtype):
+    """As vLLM's full CUDA graphs use the backend: metadata built once over persistent buffers
+    (build_for_cudagraph_capture), forward captured, then new lengths, block tables and queries
+    written into those buffers and the graph replayed: each replay equals the reference. The
+    captured batch is padded (the last request has no query) like vLLM's padded decode graphs."""
+    torch.manual_seed(1)
+    hq, hkv, head, dtype = 8, 2, 64, torch.bfloat16
+    fp8 = kv_dtype == "fp8"
+    num_reqs, num_blocks, max_blocks = 4, 40, 8
+    spec, kv_cache = _kv_cache(LAYOUTS[0], num_blocks, hkv, head, torch.uint8 if fp8 else dtype)
+    builder = vb.FrugalAttentionMetadataBuilder(spec, ["layer.0"], vllm_config, torch.device(DEVICE))
+    slopes = alibi_slopes_list(hq)
+    impl = _impl(hq, head, head ** -0.5, hkv, slopes, None, kv_dtype, None, AttentionType.DECODER, None)
+    ks, vs = (0.02, 0.015) if fp8 else (1.0, 1.0)
+    layer = SimpleNamespace(_k_scale=torch.tensor(ks, device=DEVICE), _v_scale=torch.tensor(vs, device=DEVICE))
+    # vLLM's persistent buffers: one decode token per request, the last request padding
+    qsl = torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.ones(num_reqs, dtype=torch.int32, device=DEVICE)
+    table = torch.zeros(num_reqs, max_blocks, dtype=torch.int32, device=DEVICE)
+    query = torch.zeros(num_reqs, hq, head, dtype=dtype, device=DEVICE)
+    output = torch.zeros(num_reqs, hq, head, dtype=dtype, device=DEVICE)
+    common = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl.cpu(), seq_lens=seq_lens, num_reqs=num_reqs,
+        num_actual_tokens=num_reqs, max_query_len=1, max_seq_len=max_blocks * BLOCK,
+        block_table_tensor=table, slot_mapping=torch.zeros(num_reqs, dtype=torch.int64, device=DEVICE),
+        causal=True)
+    metadata = builder.build_for_cudagraph_capture(common)
+    impl.forward(layer, query, query, query, kv_cache, metadata, output)  # warm-up compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        impl.forward(layer, query, query, query, kv_cache, metadata, output)
+    slopes_t = torch.tensor(slopes, device=DEVICE)
+    for step, lens in enumerate([(5, 17, 100), (128, 1, 33)]):
+        free = (torch.randperm(num_blocks - 1) + 1).tolist()
+        contexts = []
+        for r, n in enumerate(lens):
+            nb = -(-n // BLOCK)
+            table[r, :nb] = torch.tensor([free.pop() for _ in range(nb)], dtype=torch.int32)
+            k = torch.randn(n, hkv, head, dtype=dtype, device=DEVICE)
+            v = torch.randn(n, hkv, head, dtype=dtype, device=DEVICE)
+            pos = torch.arange(n, device=DEVICE)
+            impl.do_kv_cache_update(layer, k, v, kv_cache, (table[r, pos // BLOCK] * BLOCK + pos % BLOCK).long())
+            contexts.append((k, v))
+        seq_lens.copy_(torch.tensor([*lens, 0], dtype=torch.int32))
+        query.copy_(torch.randn(num_reqs, hq, head, dtype=dtype))
+        output.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for r, (k, v) in enumerate(contexts):
+            if fp8:
+                k, v = (x.float().div(s).clamp(-448, 448).to(torch.float8_e4m3fn).float().mul(s)
+                        for x, s in ((k, ks), (v, vs)))
+            ref = attention_reference(query[None, r:r + 1].float(), k[None].float(), v[None].float(),
+                                      causal=True, alibi_slopes=slopes_t, scale=head ** -0.5)[0]
+            tol = dict(atol=3e-2, rtol=3e-2)  # bf16 output
+            torch.testing.assert_close(output[r:r + 1].float(), ref, **tol,
+                                       msg=lambda m, r=r, step=step: f"replay {step}, request {r}: {m}")
+        assert torch.isnan(output[3]).all(), "the padding request's row must be left alone"
+
+
 def test_profiling_run_without_metadata_zeroes_output(vllm_config):
     impl = _impl(4, 64, 0.125, 4, None, None, "auto", None, AttentionType.DECODER, None)
     _, kv_cache = _kv_cache(LAYOUTS[0], 2, 4, 64, torch.float16)
