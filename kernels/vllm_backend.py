@@ -31,7 +31,6 @@ import torch
 
 from .checks import HEAD_DIMS_TEXT, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
 from .vllm_compat import (
-    FP8_KV_CACHE_DTYPES,
     SUPPORTED_TEXT,
     VLLMUnavailableError,
     import_vllm,
@@ -46,7 +45,6 @@ CLASS_PATH = f"{__name__}.FrugalAttentionBackend"
 _CLASSES = ("FrugalAttentionBackend", "FrugalAttentionImpl", "FrugalAttentionMetadata",
             "FrugalAttentionMetadataBuilder")
 _SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "fp8", "fp8_e4m3")
-_FP8_KV_CACHE_DTYPES = FP8_KV_CACHE_DTYPES
 
 
 def register() -> str:
@@ -92,10 +90,6 @@ def unsupported_reasons(
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         reasons.append(f"dtype {dtype} (the kernels take {SUPPORTED_DTYPES})")
     return reasons
-
-
-def is_fp8_kv_cache(kv_cache_dtype: str) -> bool:
-    return kv_cache_dtype in _FP8_KV_CACHE_DTYPES
 
 
 def write_kv(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
@@ -182,7 +176,7 @@ def _define() -> dict:
         # full CUDA graphs for any batch, as vLLM's Triton backend declares.
         _cudagraph_support = AttentionCGSupport.ALWAYS
 
-        def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in vLLM's ABC
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
         def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata

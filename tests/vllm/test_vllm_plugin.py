@@ -276,6 +276,8 @@ def test_forward_captured_in_a_cuda_graph_replays_other_batches(vllm_config, kv_
     (build_for_cudagraph_capture), forward captured, then new lengths, block tables and queries
     written into those buffers and the graph replayed: each replay equals the reference. The
     captured batch is padded (the last request has no query) like vLLM's padded decode graphs."""
+    from frugalserve.kernels.kv_cache import quantize_fp8
+
     torch.manual_seed(1)
     hq, hkv, head, dtype = 8, 2, 64, torch.bfloat16
     fp8 = kv_dtype == "fp8"
@@ -322,7 +324,7 @@ def test_forward_captured_in_a_cuda_graph_replays_other_batches(vllm_config, kv_
         torch.cuda.synchronize()
         for r, (k, v) in enumerate(contexts):
             if fp8:
-                k, v = (x.float().div(s).clamp(-448, 448).to(torch.float8_e4m3fn).float().mul(s)
+                k, v = (quantize_fp8(x, torch.tensor([s], device=DEVICE)).float() * s
                         for x, s in ((k, ks), (v, vs)))
             ref = attention_reference(query[None, r:r + 1].float(), k[None].float(), v[None].float(),
                                       causal=True, alibi_slopes=slopes_t, scale=head ** -0.5)[0]
