@@ -67,10 +67,13 @@ def _encode(backend, tasks_: list[T.Task], max_len: int, pad: int) -> dict:
     answer = backend.encode_batch([t.answer + "<|end|>" for t in tasks_], add_special_tokens=False)
     filler = [pad] * max_len
     rows, lens, starts = [], [], []
-    for p, a in zip(prefix, answer):
+    for t, p, a in zip(tasks_, prefix, answer):
         seq = p.ids + a.ids
+        if len(seq) > max_len:  # a cut example would teach a wrong answer
+            raise ValueError(f"{t.prompt!r} -> {t.answer!r} is {len(seq)} tokens, over max_len "
+                             f"{max_len}: raise `max_len` in the zoo config")
         rows.append((seq + filler)[:max_len])
-        lens.append(min(len(seq), max_len))
+        lens.append(len(seq))
         starts.append(len(p.ids))
     return {"ids": np.array(rows, dtype=np.int16), "lens": np.array(lens, dtype=np.int16),
             "starts": np.array(starts, dtype=np.int16)}

@@ -217,9 +217,9 @@ def greedy(model, tok, prompts: list[list[int]], max_new: int = 14, batch_size: 
     return out
 
 
-def quick_eval(model, tok, n_per_domain: int, seed: int = 0) -> dict:
-    """Accuracy by domain and difficulty on the first items of the test split."""
-    tasks_ = T.generate("test", 3 * n_per_domain, seed=seed)
+def quick_eval(model, tok, n_per_domain: int, seed: int = 0, split: str = "test") -> dict:
+    """Accuracy by domain and difficulty on the first items of `split` (the model's domains)."""
+    tasks_ = T.generate(split, 3 * n_per_domain, seed=seed)
     prompts = [tok(chat_text(t.prompt), add_special_tokens=False)["input_ids"] for t in tasks_]
     answers = greedy(model, tok, prompts)
     table: dict[str, list[int]] = {}
@@ -259,6 +259,9 @@ def train_model(s: dict, pools: dict, tok, out: Path, device: str, deadline: flo
     record.update(train_loop(model, batches.next, s, device, deadline=deadline, log=log, desc=s["name"]))
     if eval_per_domain:
         record["test_accuracy"] = quick_eval(model, tok, eval_per_domain)
+        # the held-out phrasing family, a third as many prompts
+        record["heldout_accuracy"] = quick_eval(model, tok, max(1, eval_per_domain // 3),
+                                                split=T.HELDOUT)
     settings = {k: v for k, v in s.items() if k != "name"}
     save_model(model, tok, out / s["name"], {**{k: v for k, v in record.items() if k != "losses"},
                                               "settings": settings, "losses": record["losses"]})
@@ -317,15 +320,19 @@ def run_parallel(settings: list[dict], pools: dict, tok_dir: Path, out: Path, de
 
 
 def print_records(records: list[dict]) -> None:
+    """One line per model: size, steps, minutes, loss, test accuracy by domain, held-out mean."""
     keys = sorted({k for r in records for k in r.get("test_accuracy", {}) if "/" not in k})
-    print(f"{'model':<14}{'params':>10}{'steps':>8}{'min':>6}{'loss':>8}" + "".join(f"{k:>8}" for k in keys))
+    print(f"{'model':<16}{'params':>12}{'steps':>8}{'min':>6}{'loss':>8}" + "".join(f"{k:>8}" for k in keys)
+          + f"{'heldout':>9}")
     for r in records:
         if "error" in r:
-            print(f"{r['name']:<14} FAILED: {r['error']}")
+            print(f"{r['name']:<16} FAILED: {r['error']}")
             continue
         acc = r.get("test_accuracy", {})
-        print(f"{r['name']:<14}{r['params']:>10,}{r['steps']:>8}{r['seconds'] / 60:>6.1f}{r['final_loss'] or 0:>8.3f}"
-              + "".join(f"{acc.get(k, float('nan')):>8.3f}" for k in keys))
+        held = [v for k, v in r.get("heldout_accuracy", {}).items() if "/" not in k and k in r["domains"]]
+        print(f"{r['name']:<16}{r['params']:>12,}{r['steps']:>8}{r['seconds'] / 60:>6.1f}{r['final_loss'] or 0:>8.3f}"
+              + "".join(f"{acc.get(k, float('nan')):>8.3f}" for k in keys)
+              + f"{(sum(held) / len(held) if held else float('nan')):>9.3f}")
 
 
 def common_args(parser: argparse.ArgumentParser) -> None:
@@ -336,7 +343,8 @@ def common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="time limit: training stops then, finished or not")
     parser.add_argument("--fit-steps", action="store_true",
-                        help="lower each model's step count so its schedule ends by --max-minutes")
+                        help="lower each model's step count so its schedule ends by --max-minutes "
+                             "(a model's `fit_steps: true` in the config does it for that model)")
     parser.add_argument("--jobs", type=int, default=1, help="models trained at once, one process each")
     parser.add_argument("--steps", type=int, default=None, help="override every model's step count")
     parser.add_argument("--batch-size", type=int, default=None, help="override every model's batch size")
@@ -351,7 +359,9 @@ def override(s: dict, args) -> None:
         s["warmup"] = min(int(s["warmup"]), max(1, args.steps // 10))
     if args.batch_size is not None:
         s["batch_size"] = args.batch_size
-    s["fit_steps"] = args.fit_steps
+    if args.fit_steps:
+        s["fit_steps"] = True
+    s.setdefault("fit_steps", False)
 
 
 def prepare(args, section: str):
