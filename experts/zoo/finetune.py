@@ -81,7 +81,7 @@ def finetune(base: Path, domain: str, out: Path, *, steps: int, batch_size: int,
     model = add_lora(model, rank, 2 * rank, 0.05, quantize)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
-    pools = build_pools(base, (domain,), pool_size, seed, 48, procs=1)  # the base's tokenizer
+    pools = build_pools(base, (domain,), pool_size, seed, 96, procs=1)  # the base's tokenizer; room for any
     batches = Batches(pools, (domain,), batch_size, device, seed)
     opt, opt_name = make_optimizer(trainable, lr, device)
     if device == "cuda":

@@ -44,60 +44,126 @@ def test_split_shares_follow_the_hash():
     assert next(stream).split == "train"
 
 
-_ARITH = re.compile(r"^What is (\d+) ([-+*]) (\d+)\?$")
-_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+_EXPR = re.compile(r"-?\d+(?:\s*[-+*]\s*\d+)+")
+_NUMBERS = re.compile(r"\d+")
+
+
+def _arith_answer(prompt: str) -> int:
+    """From the prompt's words and symbols: an expression is evaluated left to right; worded
+    operations are read from their operator word, "subtract b from a" and "take b away from a"
+    reversing the operands' order."""
+    text = prompt.lower()
+    expr = _EXPR.search(text)
+    if expr:
+        tokens = re.findall(r"\d+|[-+*]", expr.group())
+        if "*" in tokens:
+            return int(tokens[0]) * int(tokens[2])
+        value = int(tokens[0])
+        for op, term in zip(tokens[1::2], tokens[2::2]):
+            value = value + int(term) if op == "+" else value - int(term)
+        return value
+    a, b = map(int, _NUMBERS.findall(text))
+    if " from " in text:  # subtract b from a / take b away from a
+        return b - a
+    if any(w in text for w in ("plus", "sum", "add", "total")):
+        return a + b
+    if any(w in text for w in ("minus", "difference", "away")):
+        return a - b
+    if any(w in text for w in ("times", "product", "multipl")):
+        return a * b
+    raise AssertionError(f"no operation in {prompt!r}")
+
+
+def _text_answer(prompt: str) -> str:
+    quoted = re.findall(r'"([^"]*)"', prompt)
+    word = max(quoted, key=len)
+    letter = min(quoted, key=len) if len(quoted) == 2 else None
+    text = prompt.lower().replace(f'"{word}"', "").replace(f'"{letter}"', "" if letter else "")
+    if letter is not None:
+        if any(w in text for w in ("remov", "delet", "without", "take out", "drop", "strip",
+                                   "except", "erase", "leave out", "no ")):
+            return "".join(c for c in word if c != letter)
+        return str(sum(1 for c in word if c == letter))
+    if any(w in text for w in ("revers", "backwards", "right to left")):
+        return "".join(reversed(list(word)))
+    if "vowel" in text:
+        return str(sum(1 for c in word if c in "aeiou"))
+    if any(w in text for w in ("sort", "alphabet", "order", "a to z")):
+        counts = collections.Counter(word)
+        return "".join(c * counts[c] for c in "abcdefghijklmnopqrstuvwxyz")
+    if any(w in text for w in ("capital", "upper", "caps")):
+        return "".join(chr(ord(c) - 32) for c in word)
+    if any(w in text for w in ("last", "end", "final")):
+        return word[len(word) - 1]
+    if any(w in text for w in ("how many", "how long", "length", "count", "number")):
+        return str(sum(1 for _ in word))
+    raise AssertionError(f"no operation in {prompt!r}")
+
+
+_ATTRIBUTE_WORDS = {"capital": "capital", "city": "capital", "found": "founded", "year": "founded",
+                    "flag": "colour", "colour": "colour", "animal": "animal"}
+
+
+def _facts_answer(prompt: str) -> str:
+    by_name = {e.name: e for e in T.world()}
+    name = next(n for n in re.findall(r"[A-Z][a-z]+", prompt) if n in by_name)
+    text = prompt.replace(name, "").lower()
+    at = {}  # attribute -> where its first word appears
+    for word, attr in _ATTRIBUTE_WORDS.items():
+        if word in text:
+            at[attr] = min(at.get(attr, len(text)), text.index(word))
+    attrs = sorted(at, key=at.get)
+    if not attrs or len(attrs) > 2:
+        raise AssertionError(f"no attribute in {prompt!r}")
+    return ", ".join(str(getattr(by_name[name], a)) for a in attrs)
 
 
 def _independent_answer(task: T.Task) -> str:
     """Recompute the answer from the prompt text alone, by other means than the generator."""
-    if task.domain == "arith":
-        a, op, b = _ARITH.match(task.prompt).groups()
-        return str(_OPS[op](int(a), int(b)))
-    if task.domain == "text":
-        quoted = re.findall(r'"([^"]*)"', task.prompt)
-        word = quoted[-1]
-        if task.prompt.startswith("Reverse"):
-            return "".join(reversed(list(word)))
-        if task.prompt.startswith("Sort"):
-            counts = collections.Counter(word)
-            return "".join(c * counts[c] for c in "abcdefghijklmnopqrstuvwxyz")
-        if task.prompt.startswith("How many times"):
-            return str(sum(1 for c in word if c == quoted[0]))
-        if "capital letters" in task.prompt:
-            return "".join(chr(ord(c) - 32) for c in word)
-        if "last letter" in task.prompt:
-            return word[len(word) - 1]
-        if task.prompt.startswith("How many letters"):
-            return str(sum(1 for _ in word))
-    if task.domain == "facts":
-        by_name = {e.name: e for e in T.world()}
-        name = next(n for n in re.findall(r"[A-Z][a-z]+", task.prompt) if n in by_name)
-        entity = by_name[name]
-        key = {"capital": "capital", "founded": "founded", "colour": "colour", "flag": "colour",
-               "animal": "animal", "year": "founded"}
-        for word, attr in key.items():
-            if word in task.prompt:
-                return str(getattr(entity, attr))
-    raise AssertionError(f"cannot recompute {task}")
+    return {"arith": lambda p: str(_arith_answer(p)), "text": _text_answer,
+            "facts": _facts_answer}[task.domain](task.prompt)
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", ["train", "test", "heldout"])
 def test_answers_match_an_independent_computation(split):
-    tasks = T.generate(split, 300, seed=7)
+    tasks = T.generate(split, 600, seed=7)
     kinds = collections.Counter((t.domain, t.kind) for t in tasks)
-    assert len(kinds) == 3 + 6 + 4  # every operation and attribute is drawn
+    assert len(kinds) == 4 + 8 + 5  # every operation and attribute is drawn
     for task in tasks:
         assert task.answer == _independent_answer(task), task
 
 
+def test_every_operation_has_eight_phrasings_and_a_disjoint_heldout_family():
+    assert set(T.TEMPLATES) == set(T.HELDOUT_TEMPLATES)
+    for kind, family in T.TEMPLATES.items():
+        assert len(set(family)) >= 8, kind
+        assert len(T.HELDOUT_TEMPLATES[kind]) >= 3, kind
+        assert not set(family) & set(T.HELDOUT_TEMPLATES[kind]), kind
+    # each template is drawn: in a large sample every in-template family member shows up
+    seen = collections.Counter()
+    rng = __import__("random").Random(0)
+    for _ in range(20000):
+        task = T.sample(rng.choice(T.DOMAINS), rng)
+        seen[task.kind] += 1
+    assert set(seen) == set(T.TEMPLATES)
+
+
 def test_arithmetic_operands_and_difficulty():
     for task in T.generate("test", 300, seed=2, domains=("arith",)):
-        a, op, b = _ARITH.match(task.prompt).groups()
-        assert 1 <= len(a) <= 5 and 1 <= len(b) <= 5
+        numbers = _NUMBERS.findall(task.prompt)
+        assert len(numbers) == (3 if task.kind == "chain" else 2), task
+        assert all(1 <= len(n) <= 5 for n in numbers)
         if task.difficulty == 1:
-            assert max(len(a), len(b)) <= 2
+            assert max(map(len, numbers)) <= 2
         if task.difficulty == 3:
-            assert max(len(a), len(b)) >= 3
+            assert max(map(len, numbers)) >= 3
+
+
+def test_text_words_grow_with_difficulty():
+    for task in T.generate("test", 300, seed=4, domains=("text",)):
+        word = max(re.findall(r'"([^"]*)"', task.prompt), key=len)
+        lo, hi = T.TEXT_LENGTHS[task.difficulty]
+        assert lo <= len(word) <= hi + (task.kind == "drop"), task
 
 
 def test_facts_world_and_zipf_frequency():
@@ -132,9 +198,11 @@ def test_prompts_are_chat_messages_and_ids_stable():
     assert task.id == T.generate("test", 1)[0].id and task.id.startswith(task.domain + "-")
 
 
-def test_asking_for_more_than_a_split_holds_is_a_clear_error():
-    with pytest.raises(ValueError, match="no more facts prompts"):
-        T.generate("test", 5000, domains=("facts",))
+def test_asking_for_more_than_a_split_holds_is_a_clear_error(monkeypatch):
+    # every band two countries wide: the test split holds under 100 prompts of each
+    monkeypatch.setattr(T, "POPULARITY_BANDS", ((0, 2), (2, 4), (4, 6)))
+    with pytest.raises(ValueError, match="no more facts prompts of difficulty"):
+        T.generate("test", 900, domains=("facts",))
 
 
 def test_heldout_split_uses_only_heldout_phrasings():
