@@ -48,7 +48,10 @@ def resolve_model_path(path: str) -> Path:
             shipped = sorted(p.name for p in MODELS_DIR.iterdir() if p.is_dir()) if MODELS_DIR.is_dir() else []
             raise ValueError(f"unknown builtin model {name!r}; shipped models: {shipped}")
         return resolved
-    local = Path(path).expanduser()
+    try:
+        local = Path(path).expanduser()
+    except RuntimeError as exc:  # "~user" for a user this machine does not have
+        raise ValueError(f"cannot resolve the path {path!r}: {exc}") from None
     hub = HUB_ID.match(path)
     if local.exists() or hub is None or path.startswith((".", "/", "~")):
         return local

@@ -140,6 +140,7 @@ def train_loop(model, next_batch, s: dict, device: str, *, deadline: float | Non
     losses, t0, mark = [], time.time(), (0, time.time())
     running = None
     step = 0
+    fits: list[tuple[int, int]] = []
     model.train()
     while step < total:
         for group in opt.param_groups:
@@ -167,7 +168,10 @@ def train_loop(model, next_batch, s: dict, device: str, *, deadline: float | Non
             rate = (step - mark[0]) / max(1e-6, now - mark[1])
             fitted = step + int(rate * max(0.0, deadline - now) * 0.97)
             if step >= 100:
-                total = max(step + 1, min(int(s["steps"]), fitted))
+                refit = max(step + 1, min(int(s["steps"]), fitted))
+                if refit != total:
+                    fits.append((step, refit))  # the schedule that ran: total from this step on
+                total = refit
                 bar.total = total
             mark = (step, now)
         if deadline is not None and time.time() > deadline:
@@ -175,7 +179,8 @@ def train_loop(model, next_batch, s: dict, device: str, *, deadline: float | Non
             break
     bar.close()
     model.eval()
-    return {"steps": step, "planned_steps": total, "seconds": round(time.time() - t0, 1), "final_loss": running, "losses": losses}
+    return {"steps": step, "planned_steps": total, "seconds": round(time.time() - t0, 1), "final_loss": running,
+            "step_fits": fits, "losses": losses}
 
 
 # -- greedy decoding (for the training-time evaluation) ---------------------------------------

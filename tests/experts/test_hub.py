@@ -50,3 +50,8 @@ def test_local_paths_win_over_hub_ids(tmp_path, monkeypatch):
     (tmp_path / "org" / "name").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert resolve_model_path("org/name") == tmp_path.joinpath("org", "name").relative_to(tmp_path)
+
+
+def test_a_home_folder_of_an_unknown_user_is_a_clear_error():
+    with pytest.raises(ValueError, match="cannot resolve the path '~no-such-user-0/model'"):
+        resolve_model_path("~no-such-user-0/model")

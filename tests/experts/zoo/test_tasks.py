@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-import operator
+import random
 import re
 
 import pytest
@@ -141,7 +141,7 @@ def test_every_operation_has_eight_phrasings_and_a_disjoint_heldout_family():
         assert not set(family) & set(T.HELDOUT_TEMPLATES[kind]), kind
     # each template is drawn: in a large sample every in-template family member shows up
     seen = collections.Counter()
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     for _ in range(20000):
         task = T.sample(rng.choice(T.DOMAINS), rng)
         seen[task.kind] += 1
@@ -221,8 +221,6 @@ def test_heldout_split_uses_only_heldout_phrasings():
 
 
 def test_heldout_answers_match_their_in_template_twins():
-    import random
-
     for domain in T.DOMAINS:
         for difficulty in T.DIFFICULTIES:
             a, b = random.Random(11), random.Random(11)
