@@ -171,12 +171,13 @@ def _kernel():
         # normal range: keep 3 of fp32's 23 mantissa bits; the carry of a round-up reaches the exponent
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
         # below 2^-6 e4m3fn is subnormal, multiples of 2^-9: fp32's own rounding at 1.5 * 2^14 (ulp 2^-9),
-        # on |x| with the sign put back, so a negative value that rounds to zero stays -0 (as the
-        # conversion gives: 0x80, not 0x00)
+        # on |x|, then x's sign bit put back with integer ops, so a negative value that rounds to zero
+        # stays -0 (as the conversion gives: 0x80, not 0x00). A float negation would not do: the GPU
+        # compiler may drop the sign of a zero (it wrote 0x00 there on the H200).
         magic = 24576.0
         a = tl.abs(x)
         sub = (a + magic) - magic
-        sub = tl.where(x < 0, -sub, sub)
+        sub = (sub.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
         return tl.where(a < 0.015625, sub, normal)
 
     @triton.jit
