@@ -186,7 +186,7 @@ def train_loop(model, next_batch, s: dict, device: str, *, deadline: float | Non
 # -- greedy decoding (for the training-time evaluation) ---------------------------------------
 
 
-def greedy(model, tok, prompts: list[list[int]], max_new: int = 14, batch_size: int = 256) -> list[str]:
+def greedy(model, tok, prompts: list[list[int]], max_new: int = 16, batch_size: int = 256) -> list[str]:
     """Batched greedy decoding without a cache: left padding, explicit positions. Simple and
     model-agnostic; the evaluation harness uses the serving engine instead."""
 

@@ -38,6 +38,8 @@ def test_training_a_tiny_model_saves_a_loadable_hf_model(tmp_path, arch):
     settings = {**TINY, "arch": arch, "name": f"tiny-{arch}"}
     record = train.train_model(settings, pools, tok, tmp_path, "cpu", None, seed=0, eval_per_domain=1)
     assert record["steps"] == 4 and record["final_loss"] > 0
+    assert set(record["heldout_accuracy"]) >= {"arith", "text"}  # the held-out family is scored too
+    assert record["step_fits"] == []  # no time limit: the schedule ran as configured
     path = tmp_path / f"tiny-{arch}"
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.dtype == torch.bfloat16  # stored in bf16 to keep the zoo small
@@ -45,6 +47,23 @@ def test_training_a_tiny_model_saves_a_loadable_hf_model(tmp_path, arch):
     assert json.loads((path / "training.json").read_text())["steps"] == 4
     if arch == "falcon-alibi":
         assert model.config.alibi and model.config.num_kv_heads < model.config.num_attention_heads
+
+
+def test_an_example_longer_than_max_len_is_an_error_not_cut():
+    with pytest.raises(ValueError, match="over max_len 12: raise `max_len`"):
+        data.build_pools(data.TOKENIZER_DIR, ["text"], 8, 0, 12, procs=1)
+
+
+def test_a_model_can_fit_its_steps_without_the_command_line_flag():
+    import argparse
+
+    args = argparse.Namespace(steps=None, batch_size=None, fit_steps=False)
+    own, other = {"fit_steps": True, "warmup": 10}, {"warmup": 10}
+    train.override(own, args)
+    train.override(other, args)
+    assert own["fit_steps"] and not other["fit_steps"]
+    train.override(other, argparse.Namespace(steps=None, batch_size=None, fit_steps=True))
+    assert other["fit_steps"]
 
 
 def test_training_is_seeded(tmp_path):
