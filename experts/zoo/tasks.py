@@ -238,7 +238,7 @@ ARITH_LEVELS = {
     3: {"add": [(5, b) for b in (3, 4, 5)], "sub": [(5, b) for b in (3, 4, 5)],
         "mul": [(a, b) for a in (3, 4) for b in (1, 2)], "chain": [(3, 3)]},
 }
-_OPS = {"add": ("+", lambda a, b: a + b), "sub": ("-", lambda a, b: a - b), "mul": ("*", lambda a, b: a * b)}
+_OPS = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b}
 
 
 def _number(rng: random.Random, digits: int) -> int:
@@ -258,9 +258,8 @@ def make_arith(rng: random.Random, difficulty: int, *, heldout: bool = False) ->
         prompt = _phrase(rng, kind, heldout, x=spaced, y=spaced.replace(" ", ""))
         return Task("arith", difficulty, kind, prompt, str(value), heldout=heldout)
     a, b = _number(rng, da), _number(rng, db)
-    _, fn = _OPS[kind]
     prompt = _phrase(rng, kind, heldout, a=a, b=b)
-    return Task("arith", difficulty, kind, prompt, str(fn(a, b)), heldout=heldout)
+    return Task("arith", difficulty, kind, prompt, str(_OPS[kind](a, b)), heldout=heldout)
 
 
 # -- text ------------------------------------------------------------------------------------
